@@ -1,0 +1,148 @@
+"""Settings: one frozen dataclass built once from the environment and passed down."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time
+from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .errors import ConfigError
+
+DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@127.0.0.1:5432/telemetry"
+DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+@dataclass(frozen=True)
+class MqttUrl:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str, *, variable: str = "MQTT_URL") -> MqttUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ConfigError(f"{variable}: scheme must be mqtt:// or mqtts://, got {url!r}")
+        if not parts.hostname:
+            raise ConfigError(f"{variable}: no host in {url!r}")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"{variable}: bad port in {url!r}") from exc
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+@dataclass(frozen=True)
+class PeakWindow:
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, text: str, *, variable: str = "PEAK_WINDOW") -> PeakWindow:
+        m = _WINDOW.match(text)
+        if not m:
+            raise ConfigError(f"{variable}: expected HH:MM-HH:MM, got {text!r}")
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        try:
+            start = time(h1 % 24 if h1 == 24 else h1, m1)
+            end = time(0, m2) if h2 == 24 else time(h2, m2)
+        except ValueError as exc:
+            raise ConfigError(f"{variable}: {exc} in {text!r}") from exc
+        return cls(start, end)
+
+    def contains(self, t: time) -> bool:
+        if self.start <= self.end:
+            return self.start <= t < self.end
+        return t >= self.start or t < self.end  # window across midnight
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
+    if not value >= minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {raw}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    mqtt: MqttUrl = field(default_factory=lambda: MqttUrl.parse(DEFAULT_MQTT_URL))
+    site_timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    peak_window: PeakWindow = field(default_factory=lambda: PeakWindow(time(14), time(22)))
+    # MQTT client identity: a stable id is what makes the broker keep our session across restarts
+    client_id: str = "telemetry-bridge"
+    shared_group: str | None = None
+    mqtt_protocol: str = "auto"  # auto | 5 | 3.1.1
+    receive_maximum: int = 10000
+    batch_size: int = 2000
+    flush_interval: float = 0.025
+    offline_after: float = 300.0
+    max_future_skew: float = 600.0
+    max_payload_bytes: int = 64 * 1024
+    schema_level: str = "auto"  # auto | full | apache | plain
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        tz_name = env.get("SITE_TIMEZONE") or "UTC"
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"SITE_TIMEZONE: unknown IANA zone {tz_name!r}") from exc
+        protocol = env.get("MQTT_PROTOCOL") or "auto"
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"MQTT_PROTOCOL: expected auto, 5 or 3.1.1, got {protocol!r}")
+        level = env.get("SCHEMA_LEVEL") or "auto"
+        if level not in ("auto", "full", "apache", "plain"):
+            raise ConfigError(f"SCHEMA_LEVEL: expected auto, full, apache or plain, got {level!r}")
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL),
+            site_timezone=tz,
+            peak_window=PeakWindow.parse(env.get("PEAK_WINDOW") or "14:00-22:00"),
+            client_id=env.get("BRIDGE_CLIENT_ID") or "telemetry-bridge",
+            shared_group=env.get("BRIDGE_SHARED_GROUP") or None,
+            mqtt_protocol=protocol,
+            receive_maximum=_int(env, "BRIDGE_RECEIVE_MAXIMUM", 10000, 1),
+            batch_size=_int(env, "BRIDGE_BATCH_SIZE", 2000, 1),
+            flush_interval=_float(env, "BRIDGE_FLUSH_MS", 25.0) / 1000.0,
+            offline_after=_float(env, "DEVICE_OFFLINE_AFTER", 300.0, 1.0),
+            max_future_skew=_float(env, "MAX_FUTURE_SKEW", 600.0),
+            schema_level=level,
+        )

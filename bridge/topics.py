@@ -1,0 +1,65 @@
+"""MQTT topics of the public contract: parsing device topics and building command topics."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["meter", "vehicle", "pump"]
+DEVICE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+PREFIX_TO_KIND: dict[str, Kind] = {"meters": "meter", "vehicles": "vehicle", "pumps": "pump"}
+KIND_TO_PREFIX: dict[Kind, str] = {v: k for k, v in PREFIX_TO_KIND.items()}
+
+# What each kind may publish; anything else under a device prefix is an unknown topic.
+CHANNELS: dict[Kind, frozenset[str]] = {
+    "meter": frozenset({"reading", "obis", "online", "cmd/result"}),
+    "vehicle": frozenset({"reading", "online", "cmd/result"}),
+    "pump": frozenset({"status", "event", "online", "cmd/result"}),
+}
+# Published by us towards devices: seen because we subscribe to the whole prefix, never stored.
+OUTBOUND = frozenset({"cmd"})
+
+SUBSCRIPTIONS = tuple(f"{prefix}/#" for prefix in PREFIX_TO_KIND)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTopic:
+    kind: Kind
+    device_id: str
+    channel: str  # reading | obis | status | event | online | cmd/result | cmd
+
+
+class TopicError(ValueError):
+    pass
+
+
+def parse(topic: str) -> DeviceTopic:
+    """Split `meters/{id}/reading` and the like; raise TopicError naming what is wrong."""
+    parts = topic.split("/")
+    if len(parts) < 3:
+        raise TopicError(f"unknown topic {topic!r}")
+    kind = PREFIX_TO_KIND.get(parts[0])
+    if kind is None:
+        raise TopicError(f"unknown topic {topic!r}")
+    device_id = parts[1]
+    if not DEVICE_ID.match(device_id):
+        raise TopicError(f"invalid device id {device_id!r} in topic {topic!r}")
+    channel = "/".join(parts[2:])
+    if channel not in CHANNELS[kind] and channel not in OUTBOUND:
+        raise TopicError(f"unknown topic {topic!r}")
+    return DeviceTopic(kind, device_id, channel)
+
+
+def subscriptions(shared_group: str | None) -> list[str]:
+    if shared_group:
+        return [f"$share/{shared_group}/{t}" for t in SUBSCRIPTIONS]
+    return list(SUBSCRIPTIONS)
+
+
+def device_topic(kind: Kind, device_id: str, channel: str) -> str:
+    return f"{KIND_TO_PREFIX[kind]}/{device_id}/{channel}"
+
+
+def alert_topic(device_id: str) -> str:
+    return f"alerts/{device_id}"
