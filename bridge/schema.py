@@ -6,9 +6,8 @@ and records it in `schema_info`; reads only use the stable relation names below.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import logging
+from typing import Literal
 
 from sqlalchemy import Connection, text
 
@@ -25,9 +24,7 @@ VIEWS = ("meter_blocks_30m", "vehicle_efficiency_24h")
 
 def detect_level(conn: Connection, wanted: str = "auto") -> Level:
     """The best level this database offers (or `wanted`, checked); creates the extension if it can."""
-    available = conn.execute(
-        text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
-    ).first()
+    available = conn.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")).first()
     if wanted == "plain" or (wanted == "auto" and available is None):
         return "plain"
     if available is None:
@@ -51,14 +48,14 @@ def detect_level(conn: Connection, wanted: str = "auto") -> Level:
 
 
 def recorded_level(conn: Connection) -> Level:
-    return conn.execute(text("SELECT level FROM schema_info")).scalar_one()  # type: ignore[no-any-return]
+    return conn.execute(text("SELECT level FROM schema_info")).scalar_one()
 
 
 def sqlalchemy_url(url: str) -> str:
     """SQLAlchemy wants the driver named; psycopg takes the plain libpq URL."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 

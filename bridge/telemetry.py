@@ -73,9 +73,7 @@ class MeterReadingIn(_Model):
 class VehicleReadingIn(_Model):
     vehicleId: str | None = _alias("vehicleId", "deviceId", "vehicle_id", "device_id")
     soc: Annotated[Finite, Field(ge=0, le=100)] | None = None
-    kwhDeliveredDc: Annotated[Finite, Field(ge=0, le=1e6)] | None = _alias(
-        "kwhDeliveredDc", "kwh_delivered_dc"
-    )
+    kwhDeliveredDc: Annotated[Finite, Field(ge=0, le=1e6)] | None = _alias("kwhDeliveredDc", "kwh_delivered_dc")
     batteryTemp: Annotated[Finite, Field(ge=-60, le=150)] | None = _alias("batteryTemp", "battery_temp")
     timestamp: Timestamp = None
 
@@ -187,6 +185,9 @@ class MeterReading:
     frequency: float | None
     power_factor: float | None
 
+    def key(self) -> tuple[str, str, datetime]:
+        return ("meter", self.meter_id, self.ts)
+
 
 @dataclass(frozen=True, slots=True)
 class ObisReading:
@@ -199,6 +200,9 @@ class ObisReading:
     unit: str | None
     quality: str | None
 
+    def key(self) -> tuple[str, str, datetime]:
+        return ("obis", self.meter_id, self.ts)
+
 
 @dataclass(frozen=True, slots=True)
 class VehicleReading:
@@ -208,12 +212,18 @@ class VehicleReading:
     kwh_delivered_dc: float | None
     battery_temp: float | None
 
+    def key(self) -> tuple[str, str, datetime]:
+        return ("vehicle", self.vehicle_id, self.ts)
+
 
 @dataclass(frozen=True, slots=True)
 class PumpStatus:
     device_id: str
     ts: datetime
     status: PumpStatusIn
+
+    def key(self) -> tuple[str, str, datetime]:
+        return ("pump", self.device_id, self.ts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,9 @@ class PumpEvent:
     ts: datetime
     event: str
     payload: dict[str, Any]
+
+    def key(self) -> tuple[str, str, datetime]:
+        return ("event", self.device_id, self.ts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +263,8 @@ class Message:
     device_id: str
     received_at: datetime
     records: list[Record]
+    topic: str = ""
+    payload: bytes = b""
     mid: int = 0
     generation: int = 0
 
@@ -342,7 +357,7 @@ class Decoder:
             records = self.records(where, payload, received_at)
         except PayloadError as exc:
             return DeadLetter(topic, payload, exc.reason, received_at, device_id=where.device_id, kind=where.kind)
-        return Message(where.kind, where.device_id, received_at, records)
+        return Message(where.kind, where.device_id, received_at, records, topic, payload)
 
     def records(self, where: topics.DeviceTopic, payload: bytes, received_at: datetime) -> list[Record]:
         if len(payload) > self.max_bytes:
@@ -386,7 +401,7 @@ class Decoder:
                 for r in o.readings:
                     value = r.value * 10.0**r.scaler
                     if value != value or abs(value) == float("inf"):
-                        raise PayloadError(f"invalid payload: {r.obisCode}: value × 10^scaler overflows")
+                        raise PayloadError(f"invalid payload: {r.obisCode}: value * 10^scaler overflows")
                     seen[r.obisCode] = ObisReading(
                         device_id, ts, r.obisCode, value, r.value, r.scaler, r.unit, r.quality
                     )
@@ -431,6 +446,4 @@ def parse_presence(payload: bytes) -> bool:
     try:
         return PresenceIn.model_validate(data).online
     except ValidationError as exc:
-        raise PayloadError(
-            "presence must be `online`, `offline` or {\"online\": bool}", errors=explain(exc)
-        ) from exc
+        raise PayloadError('presence must be `online`, `offline` or {"online": bool}', errors=explain(exc)) from exc

@@ -1,0 +1,536 @@
+"""Writes decoded messages in batches: one transaction and one statement per table per batch.
+
+Every statement takes whole columns as arrays (`INSERT … SELECT FROM unnest(…)`), so a batch costs a
+fixed number of round trips whatever its size. Repeats are absorbed by primary keys (ON CONFLICT).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+
+from . import energy
+from .db import Database
+from .errors import DatabaseUnavailable
+from .telemetry import (
+    CommandResult,
+    DeadLetter,
+    Decoded,
+    Message,
+    MeterReading,
+    ObisReading,
+    Presence,
+    PumpEvent,
+    PumpStatus,
+    VehicleReading,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WriteResult:
+    received: int = 0
+    stored: int = 0
+    dead_letters: int = 0
+    status_changes: list[tuple[str, str, str]] = field(default_factory=list)  # (device_id, kind, status)
+
+    def add(self, other: WriteResult) -> None:
+        self.received += other.received
+        self.stored += other.stored
+        self.dead_letters += other.dead_letters
+        self.status_changes.extend(other.status_changes)
+
+
+def _cols(rows: Sequence[tuple[Any, ...]], n: int) -> list[list[Any]]:
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(n)]
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+_ENERGY_CONTEXT = """
+WITH req AS (SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS r(meter_id, lo, hi))
+SELECT 'b', x.* FROM req CROSS JOIN LATERAL (
+    SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
+    WHERE m.meter_id = req.meter_id AND m.ts < req.lo ORDER BY m.ts DESC LIMIT 2) x
+UNION ALL
+SELECT 'm', x.* FROM req CROSS JOIN LATERAL (
+    SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
+    WHERE m.meter_id = req.meter_id AND m.ts BETWEEN req.lo AND req.hi) x
+UNION ALL
+SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
+    SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
+    WHERE m.meter_id = req.meter_id AND m.ts > req.hi ORDER BY m.ts LIMIT 1) x
+"""
+
+
+class Writer:
+    """Stores batches. `shared=True` (several bridges on one shared subscription) trusts no cache."""
+
+    def __init__(self, db: Database, *, shared: bool = False) -> None:
+        self._db = db
+        self._shared = shared
+        self._last: dict[str, energy.Last] = {}
+
+    async def write(self, items: Sequence[Decoded]) -> WriteResult:
+        """Store a batch in one transaction; a message the database refuses is dead-lettered alone.
+
+        Raises DatabaseUnavailable when the database cannot be reached: nothing of the batch is stored
+        and the caller retries it whole.
+        """
+        conn = await self._db.connection()
+        try:
+            return await self._transaction(conn, items)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"database lost while writing a batch: {exc}") from exc
+        except psycopg.Error as exc:
+            if len(items) == 1 and isinstance(items[0], DeadLetter):
+                raise
+            log.warning("batch of %d refused (%s); storing its messages one by one", len(items), exc)
+        total = WriteResult()
+        for item in items:
+            try:
+                total.add(await self._transaction(conn, [item]))
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(f"database lost while writing a batch: {exc}") from exc
+            except psycopg.Error as exc:
+                if isinstance(item, DeadLetter):
+                    raise
+                reason = f"refused by the database: {type(exc).__name__}: {exc}".strip()
+                letter = DeadLetter(item.topic, item.payload, reason, item.received_at, device_id=item.device_id)
+                total.add(await self._transaction(conn, [letter]))
+        return total
+
+    async def _transaction(self, conn: psycopg.AsyncConnection, items: Sequence[Decoded]) -> WriteResult:
+        async with conn.transaction(), conn.cursor() as cur:
+            result, cache = await self._store(cur, items)
+        self._last.update(cache)  # only once committed
+        return result
+
+    async def _store(
+        self, cur: psycopg.AsyncCursor[Any], items: Sequence[Decoded]
+    ) -> tuple[WriteResult, dict[str, energy.Last]]:
+        result = WriteResult(received=len(items))
+        meters: list[MeterReading] = []
+        vehicles: list[VehicleReading] = []
+        pumps: list[PumpStatus] = []
+        obis: list[ObisReading] = []
+        events: list[PumpEvent] = []
+        commands: list[CommandResult] = []
+        letters: list[DeadLetter] = []
+        # device -> (kind, last seen, status); messages are in arrival order, so the last word wins
+        devices: dict[str, tuple[str, datetime, str]] = {}
+        for item in items:
+            if isinstance(item, DeadLetter):
+                letters.append(item)
+                continue
+            status = "online"
+            for rec in item.records:
+                if isinstance(rec, MeterReading):
+                    meters.append(rec)
+                elif isinstance(rec, VehicleReading):
+                    vehicles.append(rec)
+                elif isinstance(rec, PumpStatus):
+                    pumps.append(rec)
+                elif isinstance(rec, ObisReading):
+                    obis.append(rec)
+                elif isinstance(rec, PumpEvent):
+                    events.append(rec)
+                elif isinstance(rec, CommandResult):
+                    commands.append(rec)
+                elif isinstance(rec, Presence):
+                    status = "online" if rec.online else "offline"
+            devices[item.device_id] = (item.kind, item.received_at, status)
+
+        if devices:
+            result.status_changes = await self._devices(cur, devices)
+        new_keys: set[tuple[str, str, datetime]] = set()
+        cache: dict[str, energy.Last] = {}
+        if meters:
+            new_keys |= await self._meters(cur, meters)
+            cache = await self._energy(cur, meters)
+        if vehicles:
+            new_keys |= await self._vehicles(cur, vehicles)
+        if pumps:
+            new_keys |= await self._pumps(cur, pumps)
+        if obis:
+            new_keys |= await self._obis(cur, obis)
+        if events:
+            new_keys |= await self._events(cur, events)
+        if commands:
+            await self._commands(cur, commands)
+        if letters:
+            await self._dead_letters(cur, letters)
+        for item in items:
+            if isinstance(item, Message) and _is_new(item, new_keys):
+                result.stored += 1
+        result.dead_letters = len(letters)
+        await cur.execute(
+            "UPDATE counters SET value = value + v.n FROM unnest(%s::text[], %s::bigint[]) AS v(name, n) "
+            "WHERE counters.name = v.name",
+            (
+                ["messages_received", "messages_stored", "dead_letters"],
+                [result.received, result.stored, result.dead_letters],
+            ),
+        )
+        return result, cache
+
+    async def _devices(
+        self, cur: psycopg.AsyncCursor[Any], devices: dict[str, tuple[str, datetime, str]]
+    ) -> list[tuple[str, str, str]]:
+        ids = list(devices)
+        kinds, seen, status = _cols(list(devices.values()), 3)
+        await cur.execute(
+            """
+            WITH v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[])
+                       AS v(device_id, kind, seen, status)),
+            old AS (SELECT d.device_id, d.status FROM devices d JOIN v USING (device_id))
+            INSERT INTO devices AS d (device_id, kind, status, first_seen, last_seen, status_changed_at)
+            SELECT device_id, kind, status, seen, seen, seen FROM v
+            ON CONFLICT (device_id) DO UPDATE SET
+                last_seen = greatest(d.last_seen, EXCLUDED.last_seen),
+                status = EXCLUDED.status,
+                status_changed_at = CASE WHEN d.status <> EXCLUDED.status
+                                         THEN EXCLUDED.status_changed_at ELSE d.status_changed_at END
+            RETURNING d.device_id, d.kind, d.status,
+                      (SELECT old.status FROM old WHERE old.device_id = d.device_id)
+            """,
+            (ids, kinds, seen, status),
+        )
+        return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
+
+    async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> set[Any]:
+        cols = _cols(
+            [
+                (
+                    r.meter_id,
+                    r.ts,
+                    r.power_kw,
+                    r.kwh_consumed_ac,
+                    r.energy_total_kwh,
+                    r.voltage,
+                    r.current,
+                    r.frequency,
+                    r.power_factor,
+                )
+                for r in rows
+            ],
+            9,
+        )
+        await cur.execute(
+            """
+            INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
+                                        current, frequency, power_factor)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[],
+                                 %s::float8[], %s::float8[], %s::float8[], %s::float8[])
+            ON CONFLICT DO NOTHING RETURNING 'meter', meter_id, ts
+            """,
+            cols,
+        )
+        new = set(await cur.fetchall())
+        latest = _newest(rows, key=lambda r: r.meter_id)
+        cols = _cols(
+            [
+                (
+                    r.meter_id,
+                    r.ts,
+                    r.power_kw,
+                    r.kwh_consumed_ac,
+                    r.energy_total_kwh,
+                    r.voltage,
+                    r.current,
+                    r.frequency,
+                    r.power_factor,
+                )
+                for r in latest
+            ],
+            9,
+        )
+        await cur.execute(
+            """
+            INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
+                                           current, frequency, power_factor)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[],
+                                 %s::float8[], %s::float8[], %s::float8[], %s::float8[])
+            ON CONFLICT (meter_id) DO UPDATE SET
+                ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
+                energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage,
+                current = EXCLUDED.current, frequency = EXCLUDED.frequency,
+                power_factor = EXCLUDED.power_factor, updated_at = now()
+            WHERE EXCLUDED.ts >= l.ts
+            """,
+            cols,
+        )
+        return new
+
+    async def _energy(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> dict[str, energy.Last]:
+        by_meter: dict[str, dict[datetime, energy.Point]] = defaultdict(dict)
+        for r in rows:
+            by_meter[r.meter_id][r.ts] = energy.Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
+        outcomes: dict[str, energy.Outcome] = {}
+        lookup: dict[str, list[energy.Point]] = {}
+        for meter_id, points in by_meter.items():
+            ordered = [points[t] for t in sorted(points)]
+            last = None if self._shared else self._last.get(meter_id)
+            if last is not None and ordered[0].ts > last.point.ts:
+                outcomes[meter_id] = energy.extend(last, ordered)
+            else:
+                lookup[meter_id] = ordered
+        if lookup:
+            ids = list(lookup)
+            await cur.execute(
+                _ENERGY_CONTEXT,
+                (ids, [lookup[m][0].ts for m in ids], [lookup[m][-1].ts for m in ids]),
+            )
+            found: dict[str, dict[str, list[energy.Point]]] = defaultdict(lambda: defaultdict(list))
+            for where, meter_id, ts, power, interval, register in await cur.fetchall():
+                found[meter_id][where].append(energy.Point(ts, power, interval, register))
+            for meter_id, new in lookup.items():
+                ctx = found[meter_id]
+                before = sorted(ctx["b"], key=lambda p: p.ts)
+                after = ctx["a"][0] if ctx["a"] else None
+                outcomes[meter_id] = energy.merge(before, ctx["m"], new, after)
+        pieces: dict[tuple[str, datetime, datetime], energy.Piece] = {}
+        replace: list[tuple[str, datetime]] = []
+        cache: dict[str, energy.Last] = {}
+        for meter_id, outcome in outcomes.items():
+            for p in outcome.pieces:
+                pieces[(meter_id, p.source_ts, p.block)] = p
+            replace.extend((meter_id, ts) for ts in outcome.replace)
+            if outcome.last is not None:
+                cache[meter_id] = outcome.last
+            else:
+                self._last.pop(meter_id, None)
+        if replace:
+            ids, stamps = _cols(replace, 2)
+            await cur.execute(
+                "DELETE FROM meter_energy e USING unnest(%s::text[], %s::timestamptz[]) AS r(meter_id, source_ts) "
+                "WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts",
+                (ids, stamps),
+            )
+        cols = _cols([(k[0], p.block, p.source_ts, p.kwh, p.power_kw, p.is_reading) for k, p in pieces.items()], 6)
+        await cur.execute(
+            """
+            INSERT INTO meter_energy (meter_id, ts, source_ts, kwh, power_kw, is_reading)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::float8[],
+                                 %s::boolean[])
+            ON CONFLICT (meter_id, source_ts, ts) DO UPDATE SET
+                kwh = EXCLUDED.kwh, power_kw = EXCLUDED.power_kw, is_reading = EXCLUDED.is_reading
+            """,
+            cols,
+        )
+        return cache
+
+    async def _vehicles(self, cur: psycopg.AsyncCursor[Any], rows: list[VehicleReading]) -> set[Any]:
+        cols = _cols([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in rows], 5)
+        await cur.execute(
+            """
+            INSERT INTO vehicle_readings (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[])
+            ON CONFLICT DO NOTHING RETURNING 'vehicle', vehicle_id, ts
+            """,
+            cols,
+        )
+        new = set(await cur.fetchall())
+        latest = _newest(rows, key=lambda r: r.vehicle_id)
+        cols = _cols([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in latest], 5)
+        await cur.execute(
+            """
+            INSERT INTO vehicle_latest AS l (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[])
+            ON CONFLICT (vehicle_id) DO UPDATE SET
+                ts = EXCLUDED.ts, soc = EXCLUDED.soc, kwh_delivered_dc = EXCLUDED.kwh_delivered_dc,
+                battery_temp = EXCLUDED.battery_temp, updated_at = now()
+            WHERE EXCLUDED.ts >= l.ts
+            """,
+            cols,
+        )
+        return new
+
+    async def _pumps(self, cur: psycopg.AsyncCursor[Any], rows: list[PumpStatus]) -> set[Any]:
+        flat = []
+        for r in rows:
+            g, f, p = r.status.ground_tank, r.status.roof_tank, r.status.pump
+            s = r.status.system
+            flat.append(
+                (
+                    r.device_id,
+                    r.ts,
+                    g.level_percent,
+                    g.level_inches,
+                    g.alarm_active,
+                    g.connected,
+                    g.sensor_working,
+                    g.water_supply_on,
+                    f.level_percent,
+                    f.level_inches,
+                    f.alarm_active,
+                    f.connected,
+                    f.sensor_working,
+                    f.water_supply_on,
+                    p.running,
+                    p.manual_override,
+                    p.current_amps,
+                    p.power_watts,
+                    p.daily_consumption,
+                    p.hourly_consumption,
+                    p.runtime_minutes,
+                    p.total_runtime_hours,
+                    p.protection_active,
+                    p.overcurrent_protection,
+                    p.overtime_protection,
+                    s.auto_mode_enabled if s else None,
+                    s.manual_pump_control if s else None,
+                    s.water_supply_active if s else None,
+                )
+            )
+        await cur.execute(
+            """
+            INSERT INTO pump_status (
+                device_id, ts,
+                ground_level_percent, ground_level_inches, ground_alarm_active, ground_connected,
+                ground_sensor_working, ground_water_supply_on,
+                roof_level_percent, roof_level_inches, roof_alarm_active, roof_connected,
+                roof_sensor_working, roof_water_supply_on,
+                pump_running, pump_manual_override, pump_current_amps, pump_power_watts,
+                pump_daily_consumption, pump_hourly_consumption, pump_runtime_minutes,
+                pump_total_runtime_hours, pump_protection_active, pump_overcurrent_protection,
+                pump_overtime_protection, auto_mode_enabled, manual_pump_control, water_supply_active)
+            SELECT * FROM unnest(
+                %s::text[], %s::timestamptz[],
+                %s::float8[], %s::float8[], %s::boolean[], %s::boolean[], %s::boolean[], %s::boolean[],
+                %s::float8[], %s::float8[], %s::boolean[], %s::boolean[], %s::boolean[], %s::boolean[],
+                %s::boolean[], %s::boolean[], %s::float8[], %s::float8[], %s::float8[], %s::float8[],
+                %s::float8[], %s::float8[], %s::boolean[], %s::boolean[], %s::boolean[],
+                %s::boolean[], %s::boolean[], %s::boolean[])
+            ON CONFLICT DO NOTHING RETURNING 'pump', device_id, ts
+            """,
+            _cols(flat, 28),
+        )
+        new = set(await cur.fetchall())
+        latest = _newest(rows, key=lambda r: r.device_id)
+        docs = [
+            (
+                r.device_id,
+                r.ts,
+                _json(
+                    {
+                        "device_id": r.device_id,
+                        "timestamp": r.ts.isoformat(),
+                        **r.status.model_dump(exclude={"device_id", "timestamp"}, exclude_none=False),
+                    }
+                ),
+                r.status.pump.running,
+                r.status.ground_tank.level_percent,
+                r.status.roof_tank.level_percent,
+                r.status.ground_tank.sensor_working,
+            )
+            for r in latest
+        ]
+        await cur.execute(
+            """
+            INSERT INTO pump_latest AS l (device_id, ts, status, pump_running, ground_level_percent,
+                                          roof_level_percent, ground_sensor_working)
+            SELECT d, t, s::jsonb, r, g, f, w
+            FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::boolean[], %s::float8[], %s::float8[],
+                        %s::boolean[]) AS v(d, t, s, r, g, f, w)
+            ON CONFLICT (device_id) DO UPDATE SET
+                ts = EXCLUDED.ts, status = EXCLUDED.status, pump_running = EXCLUDED.pump_running,
+                ground_level_percent = EXCLUDED.ground_level_percent,
+                roof_level_percent = EXCLUDED.roof_level_percent,
+                ground_sensor_working = EXCLUDED.ground_sensor_working, updated_at = now()
+            WHERE EXCLUDED.ts >= l.ts
+            """,
+            _cols(docs, 7),
+        )
+        return new
+
+    async def _obis(self, cur: psycopg.AsyncCursor[Any], rows: list[ObisReading]) -> set[Any]:
+        def flat(rs: list[ObisReading]) -> list[list[Any]]:
+            return _cols(
+                [(r.meter_id, r.ts, r.obis_code, r.value, r.raw_value, r.scaler, r.unit, r.quality) for r in rs], 8
+            )
+
+        await cur.execute(
+            """
+            INSERT INTO obis_readings (meter_id, ts, obis_code, value, raw_value, scaler, unit, quality)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::float8[], %s::float8[],
+                                 %s::smallint[], %s::text[], %s::text[])
+            ON CONFLICT DO NOTHING RETURNING 'obis', meter_id, ts
+            """,
+            flat(rows),
+        )
+        new = set(await cur.fetchall())
+        latest = _newest(rows, key=lambda r: (r.meter_id, r.obis_code))
+        await cur.execute(
+            """
+            INSERT INTO obis_latest AS l (meter_id, ts, obis_code, value, raw_value, scaler, unit, quality)
+            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::float8[], %s::float8[],
+                                 %s::smallint[], %s::text[], %s::text[])
+            ON CONFLICT (meter_id, obis_code) DO UPDATE SET
+                ts = EXCLUDED.ts, value = EXCLUDED.value, raw_value = EXCLUDED.raw_value,
+                scaler = EXCLUDED.scaler, unit = EXCLUDED.unit, quality = EXCLUDED.quality, updated_at = now()
+            WHERE EXCLUDED.ts >= l.ts
+            """,
+            flat(latest),
+        )
+        return new
+
+    async def _events(self, cur: psycopg.AsyncCursor[Any], rows: list[PumpEvent]) -> set[Any]:
+        unique = {(r.device_id, r.ts, r.event): r for r in rows}
+        cols = _cols([(r.device_id, r.ts, r.event, _json(r.payload)) for r in unique.values()], 4)
+        await cur.execute(
+            """
+            INSERT INTO pump_events (device_id, ts, event, payload)
+            SELECT d, t, e, p::jsonb FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[])
+                AS v(d, t, e, p)
+            ON CONFLICT DO NOTHING RETURNING 'event', device_id, ts
+            """,
+            cols,
+        )
+        return set(await cur.fetchall())
+
+    async def _commands(self, cur: psycopg.AsyncCursor[Any], rows: list[CommandResult]) -> None:
+        cols = _cols([(r.command_id, r.device_id, "acked" if r.ok else "failed", _json(r.payload)) for r in rows], 4)
+        await cur.execute(
+            """
+            UPDATE commands c SET status = v.status, result = v.result::jsonb, updated_at = now()
+            FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS v(command_id, device_id, status, result)
+            WHERE c.command_id = v.command_id AND c.device_id = v.device_id
+            """,
+            cols,
+        )
+
+    async def _dead_letters(self, cur: psycopg.AsyncCursor[Any], rows: list[DeadLetter]) -> None:
+        cols = _cols([(r.received_at, r.topic, r.device_id, r.payload, r.reason) for r in rows], 5)
+        await cur.execute(
+            """
+            INSERT INTO dead_letters (received_at, topic, device_id, payload, reason)
+            SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::bytea[], %s::text[])
+            """,
+            cols,
+        )
+
+
+def _is_new(message: Message, new_keys: set[tuple[str, str, datetime]]) -> bool:
+    """A message counts as stored unless every row it carries was already there (a repeat)."""
+    keyed = [rec.key() for rec in message.records if not isinstance(rec, Presence | CommandResult)]
+    return not keyed or any(k in new_keys for k in keyed)
+
+
+def _newest(rows: Sequence[Any], key: Any) -> list[Any]:
+    best: dict[Any, Any] = {}
+    for r in rows:
+        k = key(r)
+        if k not in best or r.ts >= best[k].ts:
+            best[k] = r
+    return list(best.values())
