@@ -186,13 +186,15 @@ def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
-async def wait_for_rows(url: str, sql: str, params: Any, expected: int, timeout: float = 15.0) -> list[tuple[Any, ...]]:
+async def wait_for_rows(
+    url: str, sql: str, params: Any, expected: int, within: float = 15.0
+) -> list[tuple[Any, ...]]:
     """Poll until `sql` returns at least `expected` rows (then return them) or fail with what was seen."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     rows: list[tuple[Any, ...]] = []
     while time.monotonic() < deadline:
         rows = await asyncio.to_thread(query, url, sql, params)
         if len(rows) >= expected:
             return rows
         await asyncio.sleep(0.1)
-    raise AssertionError(f"expected {expected} rows within {timeout} s, got {len(rows)}: {rows[:5]}")
+    raise AssertionError(f"expected {expected} rows within {within} s, got {len(rows)}: {rows[:5]}")
