@@ -31,7 +31,7 @@ def detect_level(conn: Connection, wanted: str = "auto") -> Level:
         raise RuntimeError(f"SCHEMA_LEVEL={wanted} but the timescaledb extension is not available")
     created = conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")).first()
     preload = conn.execute(text("SELECT current_setting('shared_preload_libraries', true)")).scalar() or ""
-    if created is None and "timescaledb" not in preload:
+    if created is None and "timescaledb" not in preload and not _is_pglite(conn):
         if wanted != "auto":
             raise RuntimeError("timescaledb is installed but not in shared_preload_libraries")
         # creating it now would end the session with a FATAL error; plain PostgreSQL still works
@@ -45,6 +45,12 @@ def detect_level(conn: Connection, wanted: str = "auto") -> Level:
     if wanted == "apache":
         return "apache"
     return level
+
+
+def _is_pglite(conn: Connection) -> bool:
+    """PGlite (WASM) loads its bundled extensions itself, without shared_preload_libraries."""
+    data_dir = conn.execute(text("SELECT current_setting('data_directory', true)")).scalar() or ""
+    return str(data_dir).startswith("/tmp/pglite/")
 
 
 def recorded_level(conn: Connection) -> Level:

@@ -186,9 +186,7 @@ def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
-async def wait_for_rows(
-    url: str, sql: str, params: Any, expected: int, within: float = 15.0
-) -> list[tuple[Any, ...]]:
+async def wait_for_rows(url: str, sql: str, params: Any, expected: int, within: float = 15.0) -> list[tuple[Any, ...]]:
     """Poll until `sql` returns at least `expected` rows (then return them) or fail with what was seen."""
     deadline = time.monotonic() + within
     rows: list[tuple[Any, ...]] = []

@@ -1,0 +1,108 @@
+"""`alembic upgrade head` at each level: plain PostgreSQL, Apache TimescaleDB, full TimescaleDB (PGlite)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from bridge.schema import AGGREGATES, HYPERTABLES, VIEWS
+
+from .conftest import create_database, migrate, query
+
+TABLES = (
+    "devices",
+    "meter_latest",
+    "vehicle_latest",
+    "pump_latest",
+    "obis_latest",
+    "meter_vehicle_correlations",
+    "dead_letters",
+    "commands",
+    "counters",
+    "site_settings",
+    "schema_info",
+)
+
+
+def relations(url: str) -> set[str]:
+    rows = query(
+        url,
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'v', 'm', 'p')",
+    )
+    return {r[0] for r in rows}
+
+
+def test_plain_level_builds_tables_and_views(plain_url: str) -> None:
+    """Plain PostgreSQL: every table, and the aggregates as plain views of the same names."""
+    assert query(plain_url, "SELECT level FROM schema_info") == [("plain",)]
+    assert set(TABLES + HYPERTABLES + AGGREGATES + VIEWS) <= relations(plain_url)
+    views = {r[0] for r in query(plain_url, "SELECT viewname FROM pg_views WHERE schemaname = 'public'")}
+    assert set(AGGREGATES + VIEWS) <= views
+
+
+def test_apache_level_builds_hypertables(apache_url: str) -> None:
+    """Apache TimescaleDB: raw tables are hypertables; aggregates are plain views."""
+    assert query(apache_url, "SELECT level FROM schema_info") == [("apache",)]
+    hyper = {r[0] for r in query(apache_url, "SELECT hypertable_name FROM timescaledb_information.hypertables")}
+    assert hyper == set(HYPERTABLES)
+    views = {r[0] for r in query(apache_url, "SELECT viewname FROM pg_views WHERE schemaname = 'public'")}
+    assert set(AGGREGATES + VIEWS) <= views
+
+
+def test_full_level_builds_continuous_aggregates_and_policies(oracle_url: str) -> None:
+    """Full TimescaleDB: continuous aggregates with real-time aggregation, refresh/compression/retention jobs."""
+    assert query(oracle_url, "SELECT level FROM schema_info") == [("full",)]
+    hyper = {
+        r[0]
+        for r in query(
+            oracle_url,
+            "SELECT hypertable_name FROM timescaledb_information.hypertables WHERE hypertable_schema = 'public'",
+        )
+    }
+    assert hyper == set(HYPERTABLES)
+    caggs = dict(
+        query(oracle_url, "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates")
+    )
+    assert caggs == {name: False for name in AGGREGATES}
+    jobs = query(
+        oracle_url,
+        "SELECT proc_name, hypertable_name FROM timescaledb_information.jobs "
+        "WHERE proc_name IN ('policy_refresh_continuous_aggregate', 'policy_compression', "
+        "'policy_retention')",
+    )
+    by_proc: dict[str, int] = {}
+    for proc, _ in jobs:
+        by_proc[proc] = by_proc.get(proc, 0) + 1
+    assert by_proc == {
+        "policy_refresh_continuous_aggregate": len(AGGREGATES),
+        "policy_compression": len(HYPERTABLES),
+        "policy_retention": len(HYPERTABLES),
+    }
+    assert set(VIEWS) <= relations(oracle_url)
+
+
+@pytest.mark.parametrize("level", ["plain", "auto"])
+def test_downgrade_base_removes_everything_and_upgrade_rebuilds(pg_admin_url: str, level: str) -> None:
+    """`alembic downgrade base` leaves no table of ours; upgrading again rebuilds the same schema."""
+    url = create_database(pg_admin_url, {"SCHEMA_LEVEL": level})
+    built = relations(url)
+    migrate(url, "downgrade", "base", env={"SCHEMA_LEVEL": level})
+    assert relations(url) == {"alembic_version"}
+    migrate(url, "upgrade", "head", env={"SCHEMA_LEVEL": level})
+    assert relations(url) == built
+
+
+def test_site_settings_come_from_the_environment(pg_admin_url: str) -> None:
+    """SITE_TIMEZONE and PEAK_WINDOW at migration time fill site_settings; a bad value names the variable."""
+    url = create_database(
+        pg_admin_url, {"SCHEMA_LEVEL": "plain", "SITE_TIMEZONE": "America/New_York", "PEAK_WINDOW": "17:00-21:30"}
+    )
+    rows = query(url, "SELECT timezone, peak_start::text, peak_end::text FROM site_settings")
+    assert rows == [("America/New_York", "17:00:00", "21:30:00")]
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "t_badsettings"') if not conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = 't_badsettings'"
+        ).fetchone() else None
+    with pytest.raises(AssertionError, match="PEAK_WINDOW"):
+        migrate(url.rsplit("/", 1)[0] + "/t_badsettings", "upgrade", "head", env={"PEAK_WINDOW": "2pm-10pm"})
