@@ -225,6 +225,11 @@ class MqttIngress:
         n = min(size, len(self._buffer))
         return [self._buffer.popleft() for _ in range(n)]
 
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        client = self._client
+        if client is not None and self._connected.is_set():
+            client.publish(topic, payload, qos=qos)
+
     def ack(self, items: Sequence[Decoded]) -> None:
         client = self._client
         if client is None:

@@ -7,12 +7,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+from . import committed
 from .config import Settings
 from .db import Database
 from .errors import DatabaseUnavailable
 from .mqtt import MqttIngress
 from .telemetry import Decoded, Decoder
-from .writer import Writer
+from .writer import Writer, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,24 @@ class Bridge:
             while not stop.is_set():
                 batch = await ingress.next_batch(timeout=0.5)
                 if batch:
-                    if not await self._store(writer, batch, stop):
+                    result = await self._store(writer, batch, stop)
+                    if result is None:
                         break  # stopping while the database is away: the broker keeps the rest
                     ingress.ack(batch)
+                    announce(ingress, batch, result)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
-                    await self._sweep(db)
+                    await self._sweep(db, ingress)
             # shutdown: flush what paho already handed us, then let the context managers disconnect
             while ingress.pending():
                 batch = await ingress.next_batch(timeout=0)
-                if not batch or not await self._store(writer, batch, None):
+                result = await self._store(writer, batch, None) if batch else None
+                if result is None:
                     break
                 ingress.ack(batch)
+                announce(ingress, batch, result)
 
-    async def _store(self, writer: Writer, batch: list[Decoded], stop: asyncio.Event | None) -> bool:
+    async def _store(self, writer: Writer, batch: list[Decoded], stop: asyncio.Event | None) -> WriteResult | None:
         delay = 0.2
         while True:
             started = time.perf_counter()
@@ -71,10 +76,10 @@ class Bridge:
                 self.stats.db_failures += 1
                 log.warning("database unavailable (%s); retrying the batch of %d in %.1f s", exc, len(batch), delay)
                 if stop is None or stop.is_set():
-                    return False
+                    return None
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
-                    return False
+                    return None
                 except TimeoutError:
                     delay = min(delay * 2, 10.0)
                     continue
@@ -83,9 +88,9 @@ class Bridge:
             self.stats.received += result.received
             self.stats.stored += result.stored
             self.stats.dead_letters += result.dead_letters
-            return True
+            return result
 
-    async def _sweep(self, db: Database) -> None:
+    async def _sweep(self, db: Database, ingress: MqttIngress) -> None:
         """Devices silent past the timeout go offline (their will covers crashes the broker noticed)."""
         try:
             conn = await db.connection()
@@ -93,11 +98,25 @@ class Bridge:
                 await cur.execute(
                     "UPDATE devices SET status = 'offline', status_changed_at = now() "
                     "WHERE status = 'online' AND last_seen < now() - make_interval(secs => %s) "
-                    "RETURNING device_id",
+                    "RETURNING device_id, kind",
                     (self.settings.offline_after,),
                 )
                 gone = await cur.fetchall()
             if gone:
                 log.info("offline after %.0f s of silence: %s", self.settings.offline_after, [g[0] for g in gone])
+                note = committed.payload([], [(g[0], g[1], "offline") for g in gone])
+                if note:
+                    ingress.publish(committed.TOPIC, note)
         except Exception as exc:  # a failed sweep is retried at the next one
             log.warning("offline sweep failed: %s", exc)
+
+
+def announce(ingress: MqttIngress, batch: list[Decoded], result: WriteResult) -> None:
+    """Tell live views what was just committed; losing this QoS 0 note loses no data."""
+    try:
+        note = committed.payload(batch, result.status_changes)
+    except Exception:  # never let an announcement stop the bridge
+        log.exception("building the committed note failed")
+        return
+    if note:
+        ingress.publish(committed.TOPIC, note)

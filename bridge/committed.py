@@ -1,0 +1,84 @@
+"""What the bridge announces after each commit, so live views push only what is stored.
+
+One QoS 0 message per batch on `telemetry/committed` (not per message: the hot path stays cheap).
+The API subscribes to it and relays to dashboards; devices never publish there (see the broker ACL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from .telemetry import (
+    CommandResult,
+    Decoded,
+    Message,
+    MeterReading,
+    ObisReading,
+    Presence,
+    PumpEvent,
+    PumpStatus,
+    VehicleReading,
+)
+
+TOPIC = "telemetry/committed"
+
+
+def record_json(rec: Any) -> dict[str, Any]:
+    """A stored record in the contract's field names."""
+    if isinstance(rec, MeterReading):
+        return {
+            "type": "reading",
+            "ts": rec.ts,
+            "data": {
+                "totalPowerKw": rec.power_kw,
+                "kwhConsumedAc": rec.kwh_consumed_ac,
+                "energyTotalKwh": rec.energy_total_kwh,
+                "voltage": rec.voltage,
+                "current": rec.current,
+                "frequency": rec.frequency,
+                "powerFactor": rec.power_factor,
+            },
+        }
+    if isinstance(rec, VehicleReading):
+        return {
+            "type": "reading",
+            "ts": rec.ts,
+            "data": {"soc": rec.soc, "kwhDeliveredDc": rec.kwh_delivered_dc, "batteryTemp": rec.battery_temp},
+        }
+    if isinstance(rec, PumpStatus):
+        return {"type": "status", "ts": rec.ts, "data": rec.status.model_dump(exclude={"device_id", "timestamp"})}
+    if isinstance(rec, PumpEvent):
+        return {"type": "event", "ts": rec.ts, "data": {**rec.payload, "event": rec.event}}
+    if isinstance(rec, ObisReading):
+        return {
+            "type": "obis",
+            "ts": rec.ts,
+            "data": {
+                "obisCode": rec.obis_code,
+                "value": rec.value,
+                "unit": rec.unit,
+                "scaler": rec.scaler,
+                "quality": rec.quality,
+            },
+        }
+    if isinstance(rec, Presence):
+        return {"type": "online", "data": {"online": rec.online}}
+    if isinstance(rec, CommandResult):
+        return {"type": "cmd/result", "data": rec.payload}
+    raise TypeError(f"no JSON form for {type(rec).__name__}")
+
+
+def payload(items: Sequence[Decoded], status_changes: Sequence[tuple[str, str, str]]) -> bytes | None:
+    records = [
+        {"kind": item.kind, "deviceId": item.device_id, **record_json(rec)}
+        for item in items
+        if isinstance(item, Message)
+        for rec in item.records
+    ]
+    if not records and not status_changes:
+        return None
+    changes = [{"deviceId": d, "kind": k, "status": s} for d, k, s in status_changes]
+    return orjson.dumps({"records": records, "statusChanges": changes})
