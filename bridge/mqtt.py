@@ -72,6 +72,7 @@ class MqttIngress:
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
         self._connack: int | None = None
+        self._sub_mid: int | None = None
         self.generation = 0
         self.protocol: MQTTProtocolVersion = mqtt.MQTTv5
         self.reconnects = 0
@@ -113,6 +114,7 @@ class MqttIngress:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         props = None
         if protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
@@ -163,10 +165,17 @@ class MqttIngress:
         self.generation += 1
         subs = topics.subscriptions(self._settings.shared_group)
         if self.protocol == mqtt.MQTTv5:
-            client.subscribe([(t, SubscribeOptions(qos=1)) for t in subs])
+            _, self._sub_mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in subs])
         else:
-            client.subscribe([(t, 1) for t in subs])
-        self._connected.set()
+            _, self._sub_mid = client.subscribe([(t, 1) for t in subs])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        # ready only once the broker confirmed the subscription: earlier publishes would not reach us
+        if mid == self._sub_mid:
+            failed = [r for r in reasons if r.is_failure]
+            if failed:
+                log.error("broker refused subscriptions: %s", failed)
+            self._connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()
