@@ -196,3 +196,57 @@ async def wait_for_rows(url: str, sql: str, params: Any, expected: int, within: 
             return rows
         await asyncio.sleep(0.1)
     raise AssertionError(f"expected {expected} rows within {within} s, got {len(rows)}: {rows[:5]}")
+
+
+API_TOKEN = "test-token"
+
+
+class ApiServer:
+    """A real uvicorn serving the app on an ephemeral 127.0.0.1 port, with its own MQTT client id."""
+
+    def __init__(self, base_url: str, settings: Any) -> None:
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http://", "ws://") + "/ws"
+        self.settings = settings
+        self.headers = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    def client(self, **kwargs: Any) -> Any:
+        import httpx
+
+        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=30, **kwargs)
+
+
+@pytest.fixture
+async def api_server(
+    apache_url: str, mqtt_url: str, start_bridge: Callable[[Settings], Any]
+) -> AsyncIterator[ApiServer]:
+    """The API on uvicorn beside a running bridge, both on the Apache-level test database."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.config import ApiSettings
+
+    core = settings_for(apache_url, mqtt_url)
+    await start_bridge(core)
+    settings = ApiSettings(
+        core=core,
+        tokens=(API_TOKEN,),
+        mqtt_client_id=unique("api"),
+        command_timeout=5.0,
+        read_obis_wait=5.0,
+        db_pool_max=4,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if task.done():
+            task.result()
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield ApiServer(f"http://127.0.0.1:{port}", settings)
+    server.should_exit = True
+    await asyncio.wait_for(task, 15)

@@ -1,0 +1,7 @@
+"""Endpoints of EMS (see ../shared/CONTRACT.md)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+routes: list[BaseRoute] = []

@@ -1,0 +1,89 @@
+"""JSON in and out: orjson, ISO-8601 times with offsets, paging, bodies validated by the shared models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridge.telemetry import explain
+
+M = TypeVar("M", bound=BaseModel)
+MAX_BODY = 1024 * 1024
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(data: Any) -> bytes:
+    # naive datetimes never reach here (timestamptz columns); UTC_Z keeps "+00:00" explicit
+    return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def iso(ts: datetime | None) -> str | None:
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.isoformat()
+
+
+async def read_json(request: Request) -> Any:
+    from .errors import ApiError
+
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ApiError(413, f"body of {len(body)} bytes exceeds {MAX_BODY}")
+    if not body:
+        raise ApiError(400, "empty body: a JSON object is expected")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate with the bridge's models; 422 lists every field error."""
+    from .errors import Invalid
+
+    if not isinstance(data, dict):
+        raise Invalid("body must be a JSON object", details=[{"field": "(body)", "message": "not an object"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid("invalid body", details=explain(exc)) from exc
+
+
+def paging(request: Request) -> tuple[int, int]:
+    """`limit` (default 100, at most 1000) and `offset` from the query string; 400 when malformed."""
+    from .errors import ApiError
+
+    try:
+        limit = int(request.query_params.get("limit", DEFAULT_LIMIT))
+        offset = int(request.query_params.get("offset", 0))
+    except ValueError as exc:
+        raise ApiError(400, "limit and offset must be integers") from exc
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise ApiError(400, f"limit must be 1..{MAX_LIMIT} and offset >= 0")
+    return limit, offset
+
+
+def page(items: list[Any], limit: int, offset: int, total: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"items": items, "limit": limit, "offset": offset}
+    if total is not None:
+        out["total"] = total
+    return out
