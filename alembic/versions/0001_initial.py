@@ -247,7 +247,10 @@ AGGREGATE_QUERIES = {
 
 BUCKETS: dict[Level, dict[str, str]] = {
     "full": {"bucket_30m": "time_bucket(INTERVAL '30 minutes', ts)", "bucket_1h": "time_bucket(INTERVAL '1 hour', ts)"},
-    "apache": {"bucket_30m": "time_bucket(INTERVAL '30 minutes', ts)", "bucket_1h": "time_bucket(INTERVAL '1 hour', ts)"},
+    "apache": {
+        "bucket_30m": "time_bucket(INTERVAL '30 minutes', ts)",
+        "bucket_1h": "time_bucket(INTERVAL '1 hour', ts)",
+    },
     "plain": {
         "bucket_30m": "date_bin(INTERVAL '30 minutes', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')",
         "bucket_1h": "date_bin(INTERVAL '1 hour', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')",
@@ -369,7 +372,17 @@ def downgrade() -> None:
         kind = "MATERIALIZED VIEW" if level == "full" else "VIEW"
         op.execute(f"DROP {kind} IF EXISTS {name} CASCADE")
     for table in (
-        "counters", "commands", "dead_letters", "meter_vehicle_correlations", "obis_latest", "pump_latest",
-        "vehicle_latest", "meter_latest", *HYPERTABLES, "devices", "site_settings", "schema_info",
+        "counters",
+        "commands",
+        "dead_letters",
+        "meter_vehicle_correlations",
+        "obis_latest",
+        "pump_latest",
+        "vehicle_latest",
+        "meter_latest",
+        *HYPERTABLES,
+        "devices",
+        "site_settings",
+        "schema_info",
     ):
         op.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
