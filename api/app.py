@@ -99,7 +99,11 @@ def create_app(settings: ApiSettings | None = None) -> Starlette:
             extra_topics=commands.RESULT_TOPICS,
         )
         try:
-            async with link, live.Hub(settings, pool) as hub, commands.Commands(settings, pool, link, hub) as cmds:
+            async with (
+                link,
+                live.Hub(settings, pool, link) as hub,
+                commands.Commands(settings, pool, link, hub) as cmds,
+            ):
                 link.listen(hub.on_mqtt)
                 link.listen(cmds.on_mqtt)
                 yield {"services": Services(settings, pool, link, hub, cmds)}

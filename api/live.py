@@ -9,12 +9,17 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.routing import BaseRoute
 
 from .config import ApiSettings
+from .mqtt import MqttLink
 
 
 class Hub:
-    def __init__(self, settings: ApiSettings, pool: AsyncConnectionPool) -> None:
+    """Interface used by the rest of the API (commands, app): `on_mqtt`, `push_device`, `push_room`,
+    `push_dashboards`, `count`."""
+
+    def __init__(self, settings: ApiSettings, pool: AsyncConnectionPool, mqtt: MqttLink) -> None:
         self.settings = settings
         self.pool = pool
+        self.mqtt = mqtt
         self.clients: set[Any] = set()
 
     @property
@@ -33,6 +38,15 @@ class Hub:
         return None
 
     async def push_device(self, device_id: str, message: dict[str, Any]) -> None:
+        """To clients that subscribed to the device (`subscribe_device`, room `device-<id>`)."""
+        return None
+
+    async def push_room(self, room: str, message: dict[str, Any]) -> None:
+        """To clients in a room (`join-room`, e.g. `meter-<id>`)."""
+        return None
+
+    async def push_dashboards(self, message: dict[str, Any]) -> None:
+        """To clients that sent `dashboard:register`."""
         return None
 
 
