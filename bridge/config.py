@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
@@ -99,6 +100,13 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+def _default_client_id(env: Mapping[str, str]) -> str:
+    # replicas on a shared subscription each need their own session: name it after the host
+    if env.get("BRIDGE_SHARED_GROUP"):
+        return f"telemetry-bridge-{socket.gethostname()}"
+    return "telemetry-bridge"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
@@ -136,7 +144,7 @@ class Settings:
             mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL),
             site_timezone=tz,
             peak_window=PeakWindow.parse(env.get("PEAK_WINDOW") or "14:00-22:00"),
-            client_id=env.get("BRIDGE_CLIENT_ID") or "telemetry-bridge",
+            client_id=env.get("BRIDGE_CLIENT_ID") or _default_client_id(env),
             shared_group=env.get("BRIDGE_SHARED_GROUP") or None,
             mqtt_protocol=protocol,
             receive_maximum=_int(env, "BRIDGE_RECEIVE_MAXIMUM", 10000, 1),

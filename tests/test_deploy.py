@@ -1,0 +1,51 @@
+"""compose.yaml and the container image: what can be checked without a Docker engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def test_compose_parses_and_has_the_production_services() -> None:
+    """compose.yaml is valid YAML with TimescaleDB, Mosquitto, migrations, bridge and API."""
+    services = compose()["services"]
+    assert {"timescaledb", "mosquitto", "migrate", "bridge", "api"} <= set(services)
+    assert "timescale/timescaledb" in services["timescaledb"]["image"]
+    assert "-oss" not in services["timescaledb"]["image"]  # the Apache-only build lacks continuous aggregates
+    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+    assert services["bridge"]["environment"]["BRIDGE_SHARED_GROUP"] == "bridge"
+
+
+def test_every_mounted_file_exists() -> None:
+    """Each bind mount in compose.yaml points at a file or folder of this repository."""
+    for name, service in compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    assert (ROOT / "Dockerfile").exists()
+
+
+def test_services_wait_for_their_dependencies() -> None:
+    """The bridge and API start after the migrations completed and the broker is healthy."""
+    services = compose()["services"]
+    for name in ("bridge", "api"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully"
+        assert deps["mosquitto"]["condition"] == "service_healthy"
+    assert "healthcheck" in services["timescaledb"] and "healthcheck" in services["mosquitto"]
+
+
+def test_broker_acl_limits_devices_to_their_own_topics() -> None:
+    """The ACL gives devices pattern rules on their own id only, never a wildcard write."""
+    acl = (ROOT / "deploy/mosquitto/acl").read_text().splitlines()
+    device_rules = [line for line in acl if line.startswith("pattern ")]
+    assert device_rules and all("%u" in line for line in device_rules)
+    assert not any(line.startswith("pattern write") and "#" in line for line in acl)
