@@ -100,6 +100,16 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+def _health(env: Mapping[str, str]) -> tuple[str, int | None]:
+    raw = env.get("BRIDGE_HEALTH") or "127.0.0.1:9108"
+    if raw == "off":
+        return "127.0.0.1", None
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"BRIDGE_HEALTH: expected HOST:PORT or off, got {raw!r}")
+    return host or "127.0.0.1", int(port)
+
+
 def _default_client_id(env: Mapping[str, str]) -> str:
     # replicas on a shared subscription each need their own session: name it after the host
     if env.get("BRIDGE_SHARED_GROUP"):
@@ -124,6 +134,8 @@ class Settings:
     max_future_skew: float = 600.0
     max_payload_bytes: int = 64 * 1024
     schema_level: str = "auto"  # auto | full | apache | plain
+    health_host: str = "127.0.0.1"
+    health_port: int | None = 9108  # None: no /healthz and /metrics server
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -139,6 +151,7 @@ class Settings:
         level = env.get("SCHEMA_LEVEL") or "auto"
         if level not in ("auto", "full", "apache", "plain"):
             raise ConfigError(f"SCHEMA_LEVEL: expected auto, full, apache or plain, got {level!r}")
+        health_host, health_port = _health(env)
         return cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL),
@@ -153,4 +166,6 @@ class Settings:
             offline_after=_float(env, "DEVICE_OFFLINE_AFTER", 300.0, 1.0),
             max_future_skew=_float(env, "MAX_FUTURE_SKEW", 600.0),
             schema_level=level,
+            health_host=health_host,
+            health_port=health_port,
         )

@@ -211,6 +211,12 @@ class MqttIngress:
     def pending(self) -> int:
         return len(self._buffer)
 
+    def oldest(self) -> datetime | None:
+        try:
+            return self._buffer[0].received_at
+        except IndexError:
+            return None
+
     async def next_batch(self, timeout: float) -> list[Decoded]:  # noqa: ASYNC109
         """Up to `batch_size` messages, once the batch is full or its first message waited `flush_interval`."""
         size, interval = self._settings.batch_size, self._settings.flush_interval

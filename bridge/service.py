@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from . import committed
 from .config import Settings
 from .db import Database
 from .errors import DatabaseUnavailable
+from .metrics import HealthServer, Metrics
 from .mqtt import MqttIngress
 from .telemetry import Decoded, Decoder
 from .writer import Writer, WriteResult
@@ -20,29 +23,32 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 5.0
 
 
-@dataclass
-class Stats:
-    received: int = 0
-    stored: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    db_failures: int = 0
-    last_commit_s: float = 0.0
-
-
 class Bridge:
     """Runs until `stop` is set; then flushes what it holds, acknowledges it, and disconnects."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.stats = Stats()
+        self.metrics = Metrics()
         self.ready = asyncio.Event()
+        self.health_port: int | None = None
         self._decoder = Decoder(
             settings.site_timezone, max_future=settings.max_future_skew, max_bytes=settings.max_payload_bytes
         )
+        self._ingress: MqttIngress | None = None
+        self._db: Database | None = None
+        self._inflight_since: datetime | None = None
+        self._db_ok = True
+        self._last_commit: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with Database(self.settings.database_url) as db, MqttIngress(self.settings, self._decoder) as ingress:
+        async with contextlib.AsyncExitStack() as stack:
+            db = await stack.enter_async_context(Database(self.settings.database_url))
+            ingress = await stack.enter_async_context(MqttIngress(self.settings, self._decoder))
+            self._db, self._ingress = db, ingress
+            if self.settings.health_port is not None:
+                server = HealthServer(self.metrics, self.health, self.settings.health_host, self.settings.health_port)
+                await stack.enter_async_context(server)
+                self.health_port = server.port
             writer = Writer(db, shared=bool(self.settings.shared_group))
             self.ready.set()
             next_sweep = time.monotonic()
@@ -54,6 +60,7 @@ class Bridge:
                         break  # stopping while the database is away: the broker keeps the rest
                     ingress.ack(batch)
                     announce(ingress, batch, result)
+                self._observe()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     await self._sweep(db, ingress)
@@ -66,14 +73,54 @@ class Bridge:
                 ingress.ack(batch)
                 announce(ingress, batch, result)
 
+    def health(self) -> dict[str, Any]:
+        ingress, db = self._ingress, self._db
+        mqtt_ok = ingress is not None and ingress.connected
+        ok = mqtt_ok and self._db_ok
+        self._observe()
+        return {
+            "status": "ok" if ok else "degraded",
+            "mqtt": {"connected": mqtt_ok, "protocol": "5" if ingress and ingress.protocol == 5 else "3.1.1"},
+            "database": {"ok": self._db_ok, "reconnects": db.reconnects if db else 0},
+            "pending": ingress.pending() if ingress else 0,
+            "lagSeconds": self.metrics.lag._value.get(),
+            "lastCommitAgoSeconds": None
+            if self._last_commit is None
+            else round(time.monotonic() - self._last_commit, 3),
+        }
+
+    def _observe(self) -> None:
+        ingress = self._ingress
+        if ingress is None:
+            return
+        pending = ingress.pending()
+        self.metrics.pending.set(pending + (1 if self._inflight_since else 0))
+        oldest = self._inflight_since or ingress.oldest()
+        self.metrics.lag.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
+        self.metrics.mqtt_reconnects.set(ingress.reconnects)
+        self.metrics.mqtt_connected.set(1 if ingress.connected else 0)
+        if self._db is not None:
+            self.metrics.db_reconnects.set(self._db.reconnects)
+
     async def _store(self, writer: Writer, batch: list[Decoded], stop: asyncio.Event | None) -> WriteResult | None:
+        self._inflight_since = min(item.received_at for item in batch)
+        try:
+            return await self._store_with_retry(writer, batch, stop)
+        finally:
+            self._inflight_since = None
+
+    async def _store_with_retry(
+        self, writer: Writer, batch: list[Decoded], stop: asyncio.Event | None
+    ) -> WriteResult | None:
         delay = 0.2
         while True:
             started = time.perf_counter()
             try:
                 result = await writer.write(batch)
             except DatabaseUnavailable as exc:
-                self.stats.db_failures += 1
+                self._db_ok = False
+                self.metrics.db_failures.inc()
+                self._observe()
                 log.warning("database unavailable (%s); retrying the batch of %d in %.1f s", exc, len(batch), delay)
                 if stop is None or stop.is_set():
                     return None
@@ -81,13 +128,16 @@ class Bridge:
                     await asyncio.wait_for(stop.wait(), delay)
                     return None
                 except TimeoutError:
-                    delay = min(delay * 2, 10.0)
+                    delay = min(delay * 2, 5.0)
                     continue
-            self.stats.last_commit_s = time.perf_counter() - started
-            self.stats.batches += 1
-            self.stats.received += result.received
-            self.stats.stored += result.stored
-            self.stats.dead_letters += result.dead_letters
+            self._db_ok = True
+            self._last_commit = time.monotonic()
+            m = self.metrics
+            m.commit_seconds.observe(time.perf_counter() - started)
+            m.batches.inc()
+            m.received.inc(result.received)
+            m.stored.inc(result.stored)
+            m.dead_letters.inc(result.dead_letters)
             return result
 
     async def _sweep(self, db: Database, ingress: MqttIngress) -> None:
@@ -102,6 +152,7 @@ class Bridge:
                     (self.settings.offline_after,),
                 )
                 gone = await cur.fetchall()
+            self._db_ok = True
             if gone:
                 log.info("offline after %.0f s of silence: %s", self.settings.offline_after, [g[0] for g in gone])
                 note = committed.payload([], [(g[0], g[1], "offline") for g in gone])

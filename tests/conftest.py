@@ -117,7 +117,13 @@ def oracle_url() -> Iterator[str]:
 
 def settings_for(db_url: str, mqtt_url: str, **overrides: Any) -> Settings:
     base = Settings.from_env(
-        {"DATABASE_URL": db_url, "MQTT_URL": mqtt_url, "SITE_TIMEZONE": "Europe/Berlin", "BRIDGE_FLUSH_MS": "10"}
+        {
+            "DATABASE_URL": db_url,
+            "MQTT_URL": mqtt_url,
+            "SITE_TIMEZONE": "Europe/Berlin",
+            "BRIDGE_FLUSH_MS": "10",
+            "BRIDGE_HEALTH": "127.0.0.1:0",
+        }
     )
     return replace(base, client_id=unique("bridge"), **overrides)
 

@@ -231,6 +231,7 @@ def _bridge_process(db_url: str, mqtt_url: str, client_id: str) -> subprocess.Po
         "BRIDGE_CLIENT_ID": client_id,
         "SITE_TIMEZONE": "Europe/Berlin",
         "BRIDGE_BATCH_SIZE": "200",
+        "BRIDGE_HEALTH": "127.0.0.1:0",
     }
     return subprocess.Popen(
         [sys.executable, "-m", "bridge"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
