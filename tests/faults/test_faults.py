@@ -200,12 +200,12 @@ async def test_clock_skew_future_refused_late_accepted(
     meter = unique("m")
     now = datetime.now(UTC)
     late = (now - timedelta(days=3)).replace(minute=10, second=0, microsecond=0)
-    publisher.publish(f"meters/{meter}/reading", orjson.dumps({"kwhConsumedAc": 1.0, "timestamp": now.isoformat()}))
+    publisher.publish(f"meters/{meter}/reading", orjson.dumps({"totalPowerKw": 6.0, "timestamp": now.isoformat()}))
     publisher.publish(
         f"meters/{meter}/reading",
-        orjson.dumps({"kwhConsumedAc": 1.0, "timestamp": (now + timedelta(hours=3)).isoformat()}),
+        orjson.dumps({"totalPowerKw": 6.0, "timestamp": (now + timedelta(hours=3)).isoformat()}),
     )
-    publisher.publish(f"meters/{meter}/reading", orjson.dumps({"kwhConsumedAc": 0.5, "timestamp": late.isoformat()}))
+    publisher.publish(f"meters/{meter}/reading", orjson.dumps({"totalPowerKw": 6.0, "timestamp": late.isoformat()}))
     await wait_for_rows(apache_url, "SELECT 1 FROM meter_readings WHERE meter_id = %s", (meter,), 2)
     (letter,) = await wait_for_rows(
         apache_url, "SELECT reason FROM dead_letters WHERE topic = %s", (f"meters/{meter}/reading",), 1
