@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg import errors as pg_errors
 
 from . import energy
 from .db import Database
@@ -89,7 +90,7 @@ class Writer:
         """
         conn = await self._db.connection()
         try:
-            return await self._transaction(conn, items)
+            return await self._transaction_retrying(conn, items)
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"database lost while writing a batch: {exc}") from exc
         except psycopg.Error as exc:
@@ -99,7 +100,7 @@ class Writer:
         total = WriteResult()
         for item in items:
             try:
-                total.add(await self._transaction(conn, [item]))
+                total.add(await self._transaction_retrying(conn, [item]))
             except psycopg.OperationalError as exc:
                 raise DatabaseUnavailable(f"database lost while writing a batch: {exc}") from exc
             except psycopg.Error as exc:
@@ -109,6 +110,17 @@ class Writer:
                 letter = DeadLetter(item.topic, item.payload, reason, item.received_at, device_id=item.device_id)
                 total.add(await self._transaction(conn, [letter]))
         return total
+
+    async def _transaction_retrying(self, conn: psycopg.AsyncConnection, items: Sequence[Decoded]) -> WriteResult:
+        """A deadlock or serialization failure says nothing about the data: try the same batch again."""
+        for attempt in range(4):
+            try:
+                return await self._transaction(conn, items)
+            except pg_errors.TransactionRollback as exc:
+                if attempt == 3:
+                    raise DatabaseUnavailable(f"batch kept failing to commit: {exc}") from exc
+                log.info("retrying a batch after %s", type(exc).__name__)
+        raise AssertionError("unreachable")
 
     async def _transaction(self, conn: psycopg.AsyncConnection, items: Sequence[Decoded]) -> WriteResult:
         async with conn.transaction(), conn.cursor() as cur:
@@ -151,6 +163,13 @@ class Writer:
                     status = "online" if rec.online else "offline"
             devices[item.device_id] = (item.kind, item.received_at, status)
 
+        if self._shared and meters:
+            # several bridges share the subscription: serialize batches per meter, so each sees the
+            # other's committed neighbours when it computes energy pieces (sorted: no deadlocks)
+            await cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%s::text[]) AS m ORDER BY m) s",
+                ([r.meter_id for r in meters],),
+            )
         if devices:
             result.status_changes = await self._devices(cur, devices)
         new_keys: set[tuple[str, str, datetime]] = set()
