@@ -20,6 +20,8 @@ class ApiSettings:
     command_timeout: float = 60.0
     read_obis_wait: float = 10.0
     ws_queue: int = 256
+    # a pump `on` command is refused below this ground-tank level (dry-run protection) unless forced
+    pump_dry_run_percent: float = 10.0
     mqtt_client_id: str = "telemetry-api"
 
     @classmethod
@@ -38,5 +40,6 @@ class ApiSettings:
             command_timeout=_float(env, "COMMAND_TIMEOUT", 60.0, 1.0),
             read_obis_wait=_float(env, "READ_OBIS_WAIT", 10.0, 0.0),
             ws_queue=_int(env, "WS_QUEUE", 256, 1),
+            pump_dry_run_percent=_float(env, "PUMP_DRY_RUN_PERCENT", 10.0, 0.0),
             mqtt_client_id=env.get("API_CLIENT_ID") or f"telemetry-api-{os.getpid()}",
         )
