@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -73,7 +72,7 @@ class MqttLink:
             password=u.password,
             identifier=self._client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            tls_context=ssl.create_default_context() if u.tls else None,
+            tls_context=u.ssl_context(),
             timeout=10,
         )
 

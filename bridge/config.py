@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import time
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -25,6 +27,30 @@ class MqttUrl:
     tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # trust this CA (a self-signed broker) instead of the system's
+    cert_file: str | None = None  # client certificate, for brokers that require one
+    key_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def with_tls_files(self, env: Mapping[str, str]) -> MqttUrl:
+        """MQTT_CA_FILE, MQTT_CERT_FILE and MQTT_KEY_FILE; each must name a readable file."""
+        files: dict[str, Any] = {}
+        for name, attr in (("MQTT_CA_FILE", "ca_file"), ("MQTT_CERT_FILE", "cert_file"), ("MQTT_KEY_FILE", "key_file")):
+            path = env.get(name)
+            if path:
+                if not os.path.isfile(path):
+                    raise ConfigError(f"{name}: no such file {path!r}")
+                files[attr] = path
+        if files and not self.tls:
+            raise ConfigError("MQTT_CA_FILE/MQTT_CERT_FILE/MQTT_KEY_FILE need an mqtts:// MQTT_URL")
+        return replace(self, **files) if files else self
 
     @classmethod
     def parse(cls, url: str, *, variable: str = "MQTT_URL") -> MqttUrl:
@@ -154,7 +180,7 @@ class Settings:
         health_host, health_port = _health(env)
         return cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
-            mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL),
+            mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL).with_tls_files(env),
             site_timezone=tz,
             peak_window=PeakWindow.parse(env.get("PEAK_WINDOW") or "14:00-22:00"),
             client_id=env.get("BRIDGE_CLIENT_ID") or _default_client_id(env),

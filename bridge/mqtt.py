@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import threading
 import time
 from collections import deque
@@ -54,8 +53,9 @@ def make_client(
     )
     if url.username:
         client.username_pw_set(url.username, url.password)
-    if url.tls:
-        client.tls_set_context(ssl.create_default_context())
+    context = url.ssl_context()
+    if context is not None:
+        client.tls_set_context(context)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
     return client
 

@@ -524,7 +524,7 @@ class Writer:
             """
             UPDATE commands c SET status = v.status, result = v.result::jsonb, updated_at = now()
             FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS v(command_id, device_id, status, result)
-            WHERE c.command_id = v.command_id AND c.device_id = v.device_id
+            WHERE c.command_id = v.command_id AND c.device_id = v.device_id AND c.status IN ('queued', 'sent')
             """,
             cols,
         )
