@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bridge.config import Settings, _float, _int
+from bridge.config import Settings, _float, _int, environment, legacy
 from bridge.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ class ApiSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
-        env = os.environ if env is None else env
+        env = legacy(environment() if env is None else env)
         tokens = tuple(t.strip() for t in (env.get("API_TOKENS") or "").split(",") if t.strip())
         port = _int(env, "API_PORT", 8000, 0)
         if port > 65535:

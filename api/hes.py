@@ -61,7 +61,7 @@ async def polling_status(request: Request) -> Response:
             "totalMeters": counts["total"],
             "onlineMeters": counts["online"],
             "offlineMeters": counts["total"] - counts["online"],
-            "expectedIntervalSeconds": services.settings.core.offline_after,
+            "expectedIntervalSeconds": services.settings.core.expected_interval,
             "lastPollAt": iso(counts["last_poll"]),
             "meters": [meter_json(r) for r in rows],
         }

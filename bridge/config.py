@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dotenv import dotenv_values
 
 from .errors import ConfigError
 
@@ -126,6 +128,47 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+def environment(env_file: str | None = None) -> dict[str, str]:
+    """The process environment over a `.env` file (ENV_FILE, else ./.env), as the four old systems read it."""
+    path = env_file or os.environ.get("ENV_FILE") or ".env"
+    values: dict[str, str] = {}
+    if os.path.isfile(path):
+        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    elif env_file or os.environ.get("ENV_FILE"):
+        raise ConfigError(f"ENV_FILE: no such file {path!r}")
+    values.update(os.environ)
+    return values
+
+
+def legacy(env: Mapping[str, str]) -> dict[str, str]:
+    """Accept the old systems' variable names where they mean the same as ours (ours win)."""
+    out = dict(env)
+    if not out.get("DATABASE_URL") and any(out.get(k) for k in ("POSTGRES_HOST", "POSTGRES_DB", "POSTGRES_USER")):
+        port = out.get("POSTGRES_PORT") or "5432"
+        if not port.isdigit():
+            raise ConfigError(f"POSTGRES_PORT: expected a port number, got {port!r}")
+        user = quote(out.get("POSTGRES_USER") or "postgres", safe="")
+        password = out.get("POSTGRES_PASSWORD")
+        auth = f"{user}:{quote(password, safe='')}" if password else user
+        host = out.get("POSTGRES_HOST") or "127.0.0.1"
+        out["DATABASE_URL"] = f"postgresql://{auth}@{host}:{port}/{quote(out.get('POSTGRES_DB') or 'telemetry')}"
+    if not out.get("API_PORT") and out.get("PORT"):
+        out["API_PORT"] = out["PORT"]
+    raw = out.get("METER_POLLING_INTERVAL")
+    if raw and not out.get("EXPECTED_INTERVAL"):
+        try:
+            interval = float(raw)
+        except ValueError as exc:
+            raise ConfigError(f"METER_POLLING_INTERVAL: expected a number of seconds, got {raw!r}") from exc
+        if interval <= 0:
+            raise ConfigError(f"METER_POLLING_INTERVAL: must be > 0, got {raw!r}")
+        # HES wrote it in milliseconds (e.g. 900000); nobody polls meters every 3 hours in seconds
+        seconds = interval / 1000.0 if interval >= 10000 else interval
+        out["EXPECTED_INTERVAL"] = str(seconds)
+        out.setdefault("DEVICE_OFFLINE_AFTER", str(3 * seconds))
+    return out
+
+
 def _health(env: Mapping[str, str]) -> tuple[str, int | None]:
     raw = env.get("BRIDGE_HEALTH") or "127.0.0.1:9108"
     if raw == "off":
@@ -156,6 +199,7 @@ class Settings:
     receive_maximum: int = 10000
     batch_size: int = 2000
     flush_interval: float = 0.025
+    expected_interval: float = 60.0  # how often devices are expected to report (HES polling view)
     offline_after: float = 300.0
     max_future_skew: float = 600.0
     max_payload_bytes: int = 64 * 1024
@@ -165,7 +209,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+        env = legacy(environment() if env is None else env)
         tz_name = env.get("SITE_TIMEZONE") or "UTC"
         try:
             tz = ZoneInfo(tz_name)
@@ -189,6 +233,7 @@ class Settings:
             receive_maximum=_int(env, "BRIDGE_RECEIVE_MAXIMUM", 10000, 1),
             batch_size=_int(env, "BRIDGE_BATCH_SIZE", 2000, 1),
             flush_interval=_float(env, "BRIDGE_FLUSH_MS", 25.0) / 1000.0,
+            expected_interval=_float(env, "EXPECTED_INTERVAL", 60.0, 1.0),
             offline_after=_float(env, "DEVICE_OFFLINE_AFTER", 300.0, 1.0),
             max_future_skew=_float(env, "MAX_FUTURE_SKEW", 600.0),
             schema_level=level,

@@ -42,7 +42,7 @@ async def test_polling_status(api_server: ApiServer, publisher: Publisher) -> No
     body = r.json()
     assert body["totalMeters"] >= 1 and body["onlineMeters"] >= 1
     assert body["totalMeters"] == body["onlineMeters"] + body["offlineMeters"]
-    assert body["expectedIntervalSeconds"] == api_server.settings.core.offline_after
+    assert body["expectedIntervalSeconds"] == api_server.settings.core.expected_interval
     mine = {m["meterId"]: m for m in body["meters"]}[meter]
     assert mine["status"] == "online"
     assert datetime.fromisoformat(body["lastPollAt"]) >= datetime.fromisoformat(mine["lastReport"])

@@ -7,12 +7,10 @@ Create Date: 2026-11-25
 
 from __future__ import annotations
 
-import os
-
 from alembic import op
 from sqlalchemy import text
 
-from bridge.config import Settings
+from bridge.config import Settings, environment
 from bridge.schema import AGGREGATES, HYPERTABLES, VIEWS, Level, detect_level
 
 revision = "0001"
@@ -312,7 +310,7 @@ VIEW_QUERIES = {
 
 
 def _interval(name: str, default: str) -> str:
-    value = os.environ.get(name) or default
+    value = environment().get(name) or default
     # a value of ours goes into DDL: keep it to "<number> <unit>"
     number, _, unit = value.partition(" ")
     if not number.isdigit() or unit.rstrip("s") not in ("minute", "hour", "day", "week", "month", "year"):
