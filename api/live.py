@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnected, WebSocketStat
 from bridge import committed, topics
 from bridge.energy import BLOCK, block_start
 
+from . import alerts as alerts_api
 from . import ingest
 from .config import ApiSettings
 from .errors import ApiError, Invalid, NotFound, Unavailable, error_body
@@ -338,6 +339,9 @@ class Hub:
         for change in data.get("statusChanges") or ():
             if isinstance(change, dict):
                 self._relay_status(change)
+        for alert in data.get("alerts") or ():
+            if isinstance(alert, dict):
+                self._relay_alert(alert)
         if newest and self.dashboards:
             # the block query runs in its own task: a slow database must not hold up the MQTT listener
             if self._notes.full():
@@ -400,6 +404,15 @@ class Hub:
                 set(self.rooms.get(f"meter-{device_id}", ())) | self.dashboards,
                 {"type": "meter-status-change", "meterId": device_id, "status": status, "timestamp": now},
             )
+
+    def _relay_alert(self, alert: dict[str, Any]) -> None:
+        """`alert_triggered` / `alert_resolved` to the device's subscribers and dashboards (bridge.alerts)."""
+        device_id = alert.get("deviceId")
+        if not isinstance(device_id, str):
+            return
+        message = alerts_api.live_message(alert)
+        if message is not None:
+            self._broadcast(self._device_and(device_id, self.dashboards), message)
 
     async def _dashboard_loop(self) -> None:
         while True:

@@ -71,14 +71,22 @@ def record_json(rec: Any) -> dict[str, Any]:
     raise TypeError(f"no JSON form for {type(rec).__name__}")
 
 
-def payload(items: Sequence[Decoded], status_changes: Sequence[tuple[str, str, str]]) -> bytes | None:
+def payload(
+    items: Sequence[Decoded],
+    status_changes: Sequence[tuple[str, str, str]],
+    alerts: Sequence[dict[str, Any]] = (),
+) -> bytes | None:
+    """`alerts`: raised/resolved in the same commit (`bridge.alerts`), relayed as `alert_triggered`."""
     records = [
         {"kind": item.kind, "deviceId": item.device_id, **record_json(rec)}
         for item in items
         if isinstance(item, Message)
         for rec in item.records
     ]
-    if not records and not status_changes:
+    if not records and not status_changes and not alerts:
         return None
     changes = [{"deviceId": d, "kind": k, "status": s} for d, k, s in status_changes]
-    return orjson.dumps({"records": records, "statusChanges": changes})
+    note: dict[str, Any] = {"records": records, "statusChanges": changes}
+    if alerts:
+        note["alerts"] = list(alerts)
+    return orjson.dumps(note)

@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from . import committed
+from . import alerts, committed
 from .config import Settings
 from .db import Database
 from .errors import DatabaseUnavailable
@@ -39,6 +39,7 @@ class Bridge:
         self._inflight_since: datetime | None = None
         self._db_ok = True
         self._last_commit: float | None = None
+        self._alerts = alerts.AlertEngine(shared=bool(settings.shared_group))
 
     async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -49,7 +50,7 @@ class Bridge:
                 server = HealthServer(self.metrics, self.health, self.settings.health_host, self.settings.health_port)
                 await stack.enter_async_context(server)
                 self.health_port = server.port
-            writer = Writer(db, shared=bool(self.settings.shared_group))
+            writer = Writer(db, shared=bool(self.settings.shared_group), alerts=self._alerts)
             self.ready.set()
             next_sweep = time.monotonic()
             while not stop.is_set():
@@ -152,12 +153,16 @@ class Bridge:
                     (self.settings.offline_after,),
                 )
                 gone = await cur.fetchall()
+                changes = [(g[0], g[1], "offline") for g in gone]
+                raised = await self._alerts.sweep(cur, changes)  # device_offline, in the same transaction
+            self._alerts.commit()
             self._db_ok = True
             if gone:
                 log.info("offline after %.0f s of silence: %s", self.settings.offline_after, [g[0] for g in gone])
-                note = committed.payload([], [(g[0], g[1], "offline") for g in gone])
-                if note:
-                    ingress.publish(committed.TOPIC, note)
+            note = committed.payload([], changes, raised)
+            if note:
+                ingress.publish(committed.TOPIC, note)
+            alerts.publish(ingress, raised)
         except Exception as exc:  # a failed sweep is retried at the next one
             log.warning("offline sweep failed: %s", exc)
 
@@ -165,9 +170,10 @@ class Bridge:
 def announce(ingress: MqttIngress, batch: list[Decoded], result: WriteResult) -> None:
     """Tell live views what was just committed; losing this QoS 0 note loses no data."""
     try:
-        note = committed.payload(batch, result.status_changes)
+        note = committed.payload(batch, result.status_changes, result.alerts)
     except Exception:  # never let an announcement stop the bridge
         log.exception("building the committed note failed")
         return
     if note:
         ingress.publish(committed.TOPIC, note)
+    alerts.publish(ingress, result.alerts)

@@ -18,6 +18,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from . import energy
+from .alerts import AlertEngine
 from .db import Database
 from .errors import DatabaseUnavailable
 from .telemetry import (
@@ -42,12 +43,14 @@ class WriteResult:
     stored: int = 0
     dead_letters: int = 0
     status_changes: list[tuple[str, str, str]] = field(default_factory=list)  # (device_id, kind, status)
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # raised/resolved in this batch (bridge.alerts)
 
     def add(self, other: WriteResult) -> None:
         self.received += other.received
         self.stored += other.stored
         self.dead_letters += other.dead_letters
         self.status_changes.extend(other.status_changes)
+        self.alerts.extend(other.alerts)
 
 
 def _cols(rows: Sequence[tuple[Any, ...]], n: int) -> list[list[Any]]:
@@ -77,10 +80,11 @@ SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
 class Writer:
     """Stores batches. `shared=True` (several bridges on one shared subscription) trusts no cache."""
 
-    def __init__(self, db: Database, *, shared: bool = False) -> None:
+    def __init__(self, db: Database, *, shared: bool = False, alerts: AlertEngine | None = None) -> None:
         self._db = db
         self._shared = shared
         self._last: dict[str, energy.Last] = {}
+        self._alerts = alerts
 
     async def write(self, items: Sequence[Decoded]) -> WriteResult:
         """Store a batch in one transaction; a message the database refuses is dead-lettered alone.
@@ -126,6 +130,8 @@ class Writer:
         async with conn.transaction(), conn.cursor() as cur:
             result, cache = await self._store(cur, items)
         self._last.update(cache)  # only once committed
+        if self._alerts is not None:
+            self._alerts.commit()
         return result
 
     async def _store(
@@ -193,6 +199,8 @@ class Writer:
             if isinstance(item, Message) and _is_new(item, new_keys):
                 result.stored += 1
         result.dead_letters = len(letters)
+        if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
+            result.alerts = await self._alerts.evaluate(cur, items, new_keys, result.status_changes)
         await cur.execute(
             "UPDATE counters SET value = value + v.n FROM unnest(%s::text[], %s::bigint[]) AS v(name, n) "
             "WHERE counters.name = v.name",

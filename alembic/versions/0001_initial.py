@@ -272,8 +272,8 @@ VIEW_QUERIES = {
                b.bucket + INTERVAL '30 minutes' AS block_end,
                round(b.kwh::numeric, 6)::float8 AS total_kwh,
                b.reading_count,
-               b.avg_kw,
-               b.max_kw,
+               round(b.avg_kw::numeric, 6)::float8 AS avg_kw,
+               round(b.max_kw::numeric, 6)::float8 AS max_kw,
                CASE WHEN s.peak_start <= s.peak_end
                     THEN (b.bucket AT TIME ZONE s.timezone)::time >= s.peak_start
                          AND (b.bucket AT TIME ZONE s.timezone)::time < s.peak_end
