@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -71,8 +73,28 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return json_response(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
 
+async def data_error(request: Request, exc: Exception) -> Response:
+    # a value PostgreSQL cannot take (a NUL in a path id, say) came with the request: its fault, not ours
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return json_response(error_body(400, f"a value in the request cannot be used: {first}"), 400)
+
+
+async def unavailable(request: Request, exc: Exception) -> Response:
+    # the pool found no database (down, restarting): say so, and let the client retry
+    return json_response(
+        error_body(503, f"the database is unavailable: {type(exc).__name__}"), 503, headers={"Retry-After": "5"}
+    )
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
     return json_response(error_body(500, "internal error"), 500)
 
 
-HANDLERS = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+HANDLERS = {
+    ApiError: api_error,
+    HTTPException: http_error,
+    psycopg.DataError: data_error,
+    psycopg.OperationalError: unavailable,
+    PoolTimeout: unavailable,
+    Exception: server_error,
+}

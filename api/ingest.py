@@ -43,7 +43,10 @@ def device_id_of(body: dict[str, Any], fields: tuple[str, ...], given: str | Non
     if device_id is None:
         raise Invalid("the body names no device", details=[{"field": fields[0], "message": "Field required"}])
     if given and found and found != given:
-        raise Invalid(f"device id {found!r} in the body differs from {given!r} in the path")
+        raise Invalid(
+            f"device id {found!r} in the body differs from {given!r} in the path",
+            details=[{"field": fields[0], "message": f"differs from {given!r}"}],
+        )
     if not topics.DEVICE_ID.match(device_id):
         raise Invalid(
             f"invalid device id {device_id!r}",

@@ -53,7 +53,11 @@ def query_range(request: Request, span: timedelta = DEFAULT_SPAN) -> tuple[datet
     now = datetime.now(UTC)
     end = query_time(request, "to", now)
     assert end is not None
-    start = query_time(request, "from", end - span)
+    try:
+        default_start = end - span
+    except OverflowError as exc:  # `to` within a day of year 1
+        raise ApiError(400, f"to: {end.isoformat()} is out of range") from exc
+    start = query_time(request, "from", default_start)
     assert start is not None
     if start >= end:
         raise ApiError(400, "`from` must be before `to`")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bridge.telemetry import explain
+from bridge.telemetry import MAX_DEPTH, explain, too_deep
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 1024 * 1024
@@ -27,7 +27,28 @@ def _default(value: Any) -> Any:
 
 def dumps(data: Any) -> bytes:
     # naive datetimes never reach here (timestamptz columns); UTC_Z keeps "+00:00" explicit
-    return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError as exc:
+        # jsonb keeps 1e20 as a number that reads back as the int 10**20, past what orjson writes
+        if "64-bit" not in str(exc):
+            raise
+        return orjson.dumps(_wide_ints_as_floats(data), default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _wide_ints_as_floats(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        try:
+            return float(value)
+        except OverflowError:
+            return str(value)
+    if isinstance(value, dict):
+        return {k: _wide_ints_as_floats(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wide_ints_as_floats(v) for v in value]
+    return value
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -43,7 +64,7 @@ def iso(ts: datetime | None) -> str | None:
 
 
 async def read_json(request: Request) -> Any:
-    from .errors import ApiError
+    from .errors import ApiError, Invalid
 
     body = await request.body()
     if len(body) > MAX_BODY:
@@ -51,9 +72,39 @@ async def read_json(request: Request) -> Any:
     if not body:
         raise ApiError(400, "empty body: a JSON object is expected")
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    if too_deep(body, data):
+        raise Invalid(
+            f"body nests deeper than {MAX_DEPTH} levels",
+            details=[{"field": "(body)", "message": f"nests deeper than {MAX_DEPTH} levels"}],
+        )
+    if b"\\u0000" in body:  # the only way JSON can carry a NUL, which PostgreSQL text and jsonb refuse
+        refuse_nul(data)
+    return data
+
+
+def refuse_nul(data: Any) -> None:
+    """422 naming every string (or key) that holds a NUL character."""
+    from .errors import Invalid
+
+    found: list[dict[str, str]] = []
+    todo: list[tuple[Any, str]] = [(data, "")]
+    while todo and len(found) < 100:
+        value, path = todo.pop()
+        if isinstance(value, str) and "\x00" in value:
+            found.append({"field": path or "(body)", "message": "NUL (\\u0000) cannot be stored"})
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if "\x00" in key:
+                    found.append({"field": where, "message": "NUL (\\u0000) cannot be stored in a key"})
+                todo.append((item, where))
+        elif isinstance(value, list):
+            todo.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    if found:
+        raise Invalid("the body holds NUL characters", details=found)
 
 
 def validate(model: type[M], data: Any) -> M:

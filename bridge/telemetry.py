@@ -23,6 +23,9 @@ OBIS_CODE = re.compile(r"^\d{1,3}-\d{1,3}:\d{1,3}\.\d{1,3}\.\d{1,3}(\.\d{1,3})?$
 # Below this an epoch-ms value is 1973 or earlier: an ESP32 sends millis() (uptime) there, not a time.
 _UPTIME_LIMIT_MS = 1e11
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Documents nest 4 levels at most; orjson parses 1024 levels but writes only 254, and the writer and
+# the committed notes write payloads back out with it, so deeper ones are refused when read.
+MAX_DEPTH = 64
 
 
 def _alias(*names: str) -> Any:
@@ -304,7 +307,11 @@ def to_datetime(value: Timestamp, *, tz: tzinfo, received_at: datetime, max_futu
     """Epoch ms or ISO-8601 (naive ISO read in the site zone); absent means when we received it."""
     if value is None:
         return received_at
-    if isinstance(value, str) and value.isdigit():
+    # str.isdigit() is true for "²" and other non-ASCII digits that int() refuses; and int() refuses
+    # more than 4300 digits, while 20 already put an epoch-ms value past any datetime
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > 20:
+            raise PayloadError(f"invalid payload: timestamp: {value[:24]}… ({len(value)} digits) is out of range")
         value = int(value)
     if isinstance(value, bool):
         raise PayloadError("invalid payload: timestamp: must be epoch milliseconds or ISO-8601")
@@ -429,9 +436,26 @@ class Decoder:
 
 def load_json(payload: bytes) -> Any:
     try:
-        return orjson.loads(payload)
+        data = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+    if too_deep(payload, data):
+        raise PayloadError(f"payload nests deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def too_deep(raw: bytes, data: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether the parsed `data` of `raw` nests more than `limit` arrays and objects deep."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # cannot be that deep: skip the walk
+        return False
+    level: list[tuple[Any, int]] = [(data, 1)]  # a loop, not recursion: up to 1024 levels arrive here
+    while level:
+        value, depth = level.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            level.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def parse_presence(payload: bytes) -> bool:

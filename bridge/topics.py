@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["meter", "vehicle", "pump"]
-DEVICE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# \Z, not $: Python's $ also matches before a trailing newline, and "abc\n" is no device id
+DEVICE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 PREFIX_TO_KIND: dict[str, Kind] = {"meters": "meter", "vehicles": "vehicle", "pumps": "pump"}
 KIND_TO_PREFIX: dict[Kind, str] = {v: k for k, v in PREFIX_TO_KIND.items()}
 
