@@ -1,4 +1,4 @@
-"""`python -m bridge` runs the bridge until SIGINT/SIGTERM."""
+"""`python -m bridge` runs the bridge until SIGINT/SIGTERM; `python -m bridge demo` runs the whole system."""
 
 from __future__ import annotations
 
@@ -22,8 +22,16 @@ async def _run(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "demo" in argv:
+        from .demo import main as demo  # its imports (API, broker, embedded database) only when asked for
+
+        i = argv.index("demo")
+        return demo(argv[:i] + argv[i + 1 :])
     parser = argparse.ArgumentParser(prog="python -m bridge", description=__doc__)
-    parser.add_argument("command", nargs="?", default="run", choices=["run"], help="what to run (default: run)")
+    parser.add_argument(
+        "command", nargs="?", default="run", choices=["run", "demo"], help="what to run (default: run; demo --help)"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -89,13 +89,15 @@ class MqttIngress:
         last_error: Exception | None = None
         for protocol in order:
             try:
-                await self._start(protocol)
+                # amqtt never answers an MQTT 5 CONNECT with properties: don't wait long before 3.1.1
+                probing = protocol == mqtt.MQTTv5 and len(order) > 1
+                await self._start(protocol, wait=3.0 if probing else 10.0)
                 return self
             except BrokerUnavailable as exc:
                 last_error = exc
                 self._stop()
                 if self._connack not in _UNSUPPORTED_PROTOCOL and protocol == mqtt.MQTTv5 and len(order) > 1:
-                    # amqtt closes the socket on protocol level 5 instead of answering; try 3.1.1 too
+                    # no CONNACK at all (amqtt), or the socket closed: try 3.1.1 too
                     log.info("MQTT 5 connect failed (%s); trying MQTT 3.1.1", exc)
         assert last_error is not None
         raise last_error
@@ -105,7 +107,7 @@ class MqttIngress:
     ) -> None:
         self._stop()
 
-    async def _start(self, protocol: MQTTProtocolVersion) -> None:
+    async def _start(self, protocol: MQTTProtocolVersion, wait: float = 10.0) -> None:
         s = self._settings
         self.protocol = protocol
         self._connack = None
@@ -131,7 +133,7 @@ class MqttIngress:
         except OSError as exc:
             raise BrokerUnavailable(f"cannot connect to {s.mqtt.host}:{s.mqtt.port}: {exc}") from exc
         client.loop_start()
-        ok = await asyncio.to_thread(self._connected.wait, 10.0)
+        ok = await asyncio.to_thread(self._connected.wait, wait)
         if not ok:
             code = self._connack
             raise BrokerUnavailable(
