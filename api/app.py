@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import socketio
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge.schema import libpq_url
 
-from . import commands, eie, ems, health, hes, live, pump
+from . import alerts, commands, dashboard, eie, ems, health, hes, live, openapi, pump, sio
 from .config import ApiSettings
 from .errors import HANDLERS, error_body
 from .mqtt import MqttLink
@@ -23,7 +25,15 @@ from .responses import json_response
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/api/health", "/api/v1/health", "/api/v1/health/databases", "/", "/favicon.ico"})
+PUBLIC_PATHS = frozenset(
+    {"/api/health", "/api/v1/health", "/api/v1/health/databases", "/", "/favicon.ico", "/openapi.json"}
+)
+# The dashboard's assets: public like the page itself, which asks for the token.
+PUBLIC_PREFIXES = ("/static/",)
+
+
+def public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 @dataclass
@@ -53,7 +63,7 @@ class BearerAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.tokens or scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
+        if not self.tokens or scope["type"] not in ("http", "websocket") or public(scope["path"]):
             await self.app(scope, receive, send)
             return
         presented = b""
@@ -77,8 +87,10 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
-def create_app(settings: ApiSettings | None = None) -> Starlette:
+def create_app(settings: ApiSettings | None = None) -> ASGIApp:
+    """The Starlette app, with Socket.IO in front of it at `/socket.io/` (both share the hub)."""
     settings = settings or ApiSettings.from_env()
+    current: dict[str, live.Hub] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -106,8 +118,10 @@ def create_app(settings: ApiSettings | None = None) -> Starlette:
             ):
                 link.listen(hub.on_mqtt)
                 link.listen(cmds.on_mqtt)
+                current["hub"] = hub
                 yield {"services": Services(settings, pool, link, hub, cmds)}
         finally:
+            current.clear()
             await pool.close()
 
     routes = [
@@ -117,8 +131,18 @@ def create_app(settings: ApiSettings | None = None) -> Starlette:
         *pump.routes,
         *commands.routes,
         *hes.routes,
+        *alerts.routes,
         *live.routes,
+        *dashboard.routes,
+        *openapi.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=HANDLERS)
     app.add_middleware(BearerAuth, tokens=settings.tokens)
-    return app
+    if settings.cors_origins:
+        # outermost: browsers' preflight requests carry no token
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    check = BearerAuth(app, settings.tokens).allowed if settings.tokens else None
+    sio_server = sio.create_server(lambda: current.get("hub"), check)
+    return socketio.ASGIApp(sio_server, other_asgi_app=app, socketio_path="socket.io")

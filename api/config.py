@@ -23,6 +23,7 @@ class ApiSettings:
     # a pump `on` command is refused below this ground-tank level (dry-run protection) unless forced
     pump_dry_run_percent: float = 10.0
     mqtt_client_id: str = "telemetry-api"
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
@@ -42,4 +43,6 @@ class ApiSettings:
             ws_queue=_int(env, "WS_QUEUE", 256, 1),
             pump_dry_run_percent=_float(env, "PUMP_DRY_RUN_PERCENT", 10.0, 0.0),
             mqtt_client_id=env.get("API_CLIENT_ID") or f"telemetry-api-{os.getpid()}",
+            # EMS's name for the browser origins allowed to call the API
+            cors_origins=tuple(o.strip() for o in (env.get("ALLOWED_ORIGINS") or "").split(",") if o.strip()),
         )

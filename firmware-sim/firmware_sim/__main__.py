@@ -5,6 +5,8 @@ Simulated time runs `--speed` times faster than real time but never ahead of the
 run starts `--history` simulated seconds in the past (default: so that a `--duration` run ends now,
 or one day for an open-ended run) and continues in real time once it has caught up.
 SIGINT/SIGTERM publish `offline` for every device and disconnect.
+
+`firmware-sim sample --help`: load a fixed sample day through the broker instead (idempotent).
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ async def _run(config: SimConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sample"]:  # `firmware-sim sample …`: load the idempotent sample day and exit
+        from .sample import main as sample
+
+        return sample(argv[1:])
     args = parser().parse_args(argv)
     if args.correlations:
         print(orjson.dumps(correlations(args.prefix, args.vehicles)).decode())
