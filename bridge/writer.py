@@ -97,20 +97,28 @@ class Writer:
             return await self._transaction_retrying(conn, items)
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"database lost while writing a batch: {exc}") from exc
-        except psycopg.Error as exc:
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # refused by the database, or a bug of ours: isolate the message at fault
             if len(items) == 1 and isinstance(items[0], DeadLetter):
                 raise
-            log.warning("batch of %d refused (%s); storing its messages one by one", len(items), exc)
+            log.warning("batch of %d failed (%s); storing its messages one by one", len(items), exc)
         total = WriteResult()
         for item in items:
             try:
                 total.add(await self._transaction_retrying(conn, [item]))
             except psycopg.OperationalError as exc:
                 raise DatabaseUnavailable(f"database lost while writing a batch: {exc}") from exc
-            except psycopg.Error as exc:
+            except DatabaseUnavailable:
+                raise
+            except Exception as exc:
                 if isinstance(item, DeadLetter):
                     raise
-                reason = f"refused by the database: {type(exc).__name__}: {exc}".strip()
+                if isinstance(exc, psycopg.Error):
+                    reason = f"refused by the database: {type(exc).__name__}: {exc}".strip()
+                else:
+                    log.exception("storing a message from %s failed", item.topic)
+                    reason = f"internal error while storing: {type(exc).__name__}: {exc}".strip()
                 letter = DeadLetter(item.topic, item.payload, reason, item.received_at, device_id=item.device_id)
                 total.add(await self._transaction(conn, [letter]))
         return total

@@ -124,3 +124,22 @@ async def test_late_reading_lands_in_materialized_block(oracle_url: str) -> None
     await write(oracle_url, messages([at(10, 0.5)]))  # late: between the two stored readings
     refresh(oracle_url)
     assert query(oracle_url, sql, (meter, start)) == [(2.5,)]
+
+
+async def test_a_message_that_breaks_the_writer_is_dead_lettered_not_fatal(apache_url: str) -> None:
+    """Any failure while storing one message (here: an unserialisable event payload) dead-letters it alone."""
+    device = unique("p")
+    good = messages(
+        [
+            (f"pumps/{device}/event", {"event": "pump_started", "timestamp": "2026-11-20T10:00:00Z"}),
+            (f"pumps/{device}/event", {"event": "pump_stopped", "timestamp": "2026-11-20T10:05:00Z"}),
+        ]
+    )
+    broken = good[1]
+    assert isinstance(broken, Message)
+    record = broken.records[0]
+    record.payload["oops"] = object()  # type: ignore[attr-defined]  # orjson cannot write this
+    await write(apache_url, good)
+    assert query(apache_url, "SELECT event FROM pump_events WHERE device_id = %s", (device,)) == [("pump_started",)]
+    (reason,) = query(apache_url, "SELECT reason FROM dead_letters WHERE device_id = %s", (device,))[0]
+    assert reason.startswith("internal error while storing: TypeError")
