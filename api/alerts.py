@@ -18,7 +18,6 @@ reloads them on the `NOTIFY alert_rules` sent with each change) and records ackn
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -33,7 +32,7 @@ from bridge import topics
 from bridge.telemetry import explain
 
 from .errors import ApiError, Conflict, Invalid, NotFound
-from .responses import iso, json_response, paging, read_json
+from .responses import iso, json_response, paging, query_time, read_json
 
 Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e9, le=1e9)]
 
@@ -165,21 +164,6 @@ def live_message(alert: dict[str, Any]) -> dict[str, Any] | None:
 # ---- query parameters ---------------------------------------------------------------------------
 
 
-def _time(request: Request, name: str) -> datetime | None:
-    """ISO-8601 (naive means the site's zone) or epoch milliseconds; 400 when malformed."""
-    raw = request.query_params.get(name)
-    if not raw:
-        return None
-    try:
-        if raw.lstrip("-").isdigit():
-            return datetime.fromtimestamp(int(raw) / 1000, UTC)
-        # a `+` left unencoded in a query string arrives as a space
-        ts = datetime.fromisoformat(raw.replace(" ", "+") if raw.count(" ") == 1 and "T" in raw else raw)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise ApiError(400, f"{name}: expected ISO-8601 or epoch milliseconds, got {raw!r}") from exc
-    return ts if ts.tzinfo else ts.replace(tzinfo=request.state.services.settings.core.site_timezone)
-
-
 def _bool(request: Request, name: str) -> bool | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
@@ -231,7 +215,7 @@ def _filters(request: Request, time_column: str, device_id: str | None = None) -
     add("kind = ANY(%s)", _choices(request, "kind", KINDS))
     add("type = ANY(%s)", _choices(request, "type", frozenset(engine.TYPES)))
     add("severity = ANY(%s)", _choices(request, "severity", engine.SEVERITIES))
-    start, end = _time(request, "from"), _time(request, "to")
+    start, end = query_time(request, "from", None), query_time(request, "to", None)
     if start and end and start >= end:
         raise ApiError(400, "`from` must be before `to`")
     add(f"{time_column} >= %s", start)

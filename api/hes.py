@@ -24,8 +24,7 @@ from bridge.telemetry import OBIS_CODE, ObisReadingsIn, to_datetime
 
 from .commands import device_kind
 from .errors import ApiError, Invalid, NotFound
-from .pump import query_time
-from .responses import iso, json_response, paging, read_json
+from .responses import iso, json_response, paging, query_time, read_json
 
 MAX_CODES = 100
 

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import ingest
 from .errors import ApiError, NotFound
-from .responses import iso, json_response, paging, read_json
+from .responses import iso, json_response, paging, query_time, read_json
 
 HOUR = timedelta(hours=1)
 DEFAULT_SPAN = timedelta(hours=24)
@@ -30,22 +30,6 @@ EMPTY_DOC = ("timestamp", "ground_tank", "roof_tank", "pump", "system")
 
 
 # ---- query parameters ---------------------------------------------------------------------------
-
-
-def query_time(request: Request, name: str, default: datetime | None) -> datetime | None:
-    """`?name=` as ISO-8601 (naive means the site's zone) or epoch milliseconds; 400 when malformed."""
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        if raw.lstrip("-").isdigit():
-            return datetime.fromtimestamp(int(raw) / 1000, UTC)
-        ts = datetime.fromisoformat(raw.replace(" ", "+") if raw.count(" ") == 1 and "T" in raw else raw)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise ApiError(400, f"{name}: expected ISO-8601 or epoch milliseconds, got {raw!r}") from exc
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=request.state.services.settings.core.site_timezone)
-    return ts
 
 
 def query_range(request: Request, span: timedelta = DEFAULT_SPAN) -> tuple[datetime, datetime]:

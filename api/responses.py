@@ -119,6 +119,12 @@ def validate(model: type[M], data: Any) -> M:
         raise Invalid("invalid body", details=explain(exc)) from exc
 
 
+def _api_error(status: int, message: str) -> Exception:
+    from .errors import ApiError
+
+    return ApiError(status, message)
+
+
 def paging(request: Request) -> tuple[int, int]:
     """`limit` (default 100, at most 1000) and `offset` from the query string; 400 when malformed."""
     from .errors import ApiError
@@ -138,3 +144,19 @@ def page(items: list[Any], limit: int, offset: int, total: int | None = None) ->
     if total is not None:
         out["total"] = total
     return out
+
+
+def query_time(request: Request, name: str, default: datetime | None) -> datetime | None:
+    """`?name=` as ISO-8601 (naive means the site's zone) or epoch milliseconds; 400 when malformed."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        if raw.lstrip("-").isdigit():
+            return datetime.fromtimestamp(int(raw) / 1000, UTC)
+        ts = datetime.fromisoformat(raw.replace(" ", "+") if raw.count(" ") == 1 and "T" in raw else raw)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise _api_error(400, f"{name}: expected ISO-8601 or epoch milliseconds, got {raw!r}") from exc
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=request.state.services.settings.core.site_timezone)
+    return ts

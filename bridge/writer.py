@@ -244,23 +244,7 @@ class Writer:
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
     async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> set[Any]:
-        cols = _cols(
-            [
-                (
-                    r.meter_id,
-                    r.ts,
-                    r.power_kw,
-                    r.kwh_consumed_ac,
-                    r.energy_total_kwh,
-                    r.voltage,
-                    r.current,
-                    r.frequency,
-                    r.power_factor,
-                )
-                for r in rows
-            ],
-            9,
-        )
+        cols = _cols([_meter_row(r) for r in rows], 9)
         await cur.execute(
             """
             INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
@@ -273,23 +257,7 @@ class Writer:
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: r.meter_id)
-        cols = _cols(
-            [
-                (
-                    r.meter_id,
-                    r.ts,
-                    r.power_kw,
-                    r.kwh_consumed_ac,
-                    r.energy_total_kwh,
-                    r.voltage,
-                    r.current,
-                    r.frequency,
-                    r.power_factor,
-                )
-                for r in latest
-            ],
-            9,
-        )
+        cols = _cols([_meter_row(r) for r in latest], 9)
         await cur.execute(
             """
             INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
@@ -560,6 +528,20 @@ def _is_new(message: Message, new_keys: set[tuple[str, str, datetime]]) -> bool:
     """A message counts as stored unless every row it carries was already there (a repeat)."""
     keyed = [rec.key() for rec in message.records if not isinstance(rec, Presence | CommandResult)]
     return not keyed or any(k in new_keys for k in keyed)
+
+
+def _meter_row(r: MeterReading) -> tuple[Any, ...]:
+    return (
+        r.meter_id,
+        r.ts,
+        r.power_kw,
+        r.kwh_consumed_ac,
+        r.energy_total_kwh,
+        r.voltage,
+        r.current,
+        r.frequency,
+        r.power_factor,
+    )
 
 
 def _newest(rows: Sequence[Any], key: Any) -> list[Any]:
