@@ -1,7 +1,7 @@
 """Endpoints of EIE (see ../shared/CONTRACT.md): HTTP ingestion, meter-vehicle correlation, 24-hour efficiency.
 
 Ingestion only validates and publishes to MQTT (the bridge stays the one writer); efficiency comes from
-the `vehicle_efficiency_24h` view.
+the hourly aggregates, summed as the `vehicle_efficiency_24h` view sums them.
 """
 
 from __future__ import annotations
@@ -166,13 +166,26 @@ async def correlate(request: Request) -> Response:
     return json_response({"vehicleId": pair.vehicleId, "meterId": pair.meterId, "createdAt": iso(row[0])}, status)
 
 
-# The view's window is the current hour and the 23 before it; its bounds come from the same clock.
+# The same sums as the `vehicle_efficiency_24h` view (the current hour and the 23 before it), for one
+# vehicle: a filter on the view would not reach inside its FULL JOIN, and every vehicle would be summed.
 _PERFORMANCE = """
-    SELECT date_trunc('hour', now()) - INTERVAL '23 hours' AS period_start, now() AS period_end,
-           e.vehicle_id, e.kwh_ac, e.kwh_dc, e.efficiency_ratio, e.avg_battery_temp, e.record_count,
+    WITH w AS (SELECT date_trunc('hour', now()) - INTERVAL '23 hours' AS since),
+    dc AS (SELECT sum(e.kwh_dc) AS kwh_dc,
+                  sum(e.battery_temp_sum) / nullif(sum(e.battery_temp_count), 0) AS avg_battery_temp,
+                  sum(e.record_count)::bigint AS record_count
+           FROM vehicle_energy_1h e, w WHERE e.vehicle_id = %(id)s AND e.bucket >= w.since),
+    ac AS (SELECT sum(m.kwh) AS kwh_ac
+           FROM meter_vehicle_correlations c JOIN meter_energy_1h m ON m.meter_id = c.meter_id, w
+           WHERE c.vehicle_id = %(id)s AND m.bucket >= w.since)
+    SELECT w.since AS period_start, now() AS period_end,
+           CASE WHEN dc.record_count IS NOT NULL OR ac.kwh_ac IS NOT NULL THEN %(id)s END AS vehicle_id,
+           round(coalesce(ac.kwh_ac, 0)::numeric, 6)::float8 AS kwh_ac,
+           round(coalesce(dc.kwh_dc, 0)::numeric, 6)::float8 AS kwh_dc,
+           CASE WHEN ac.kwh_ac > 0 THEN round((dc.kwh_dc / ac.kwh_ac)::numeric, 6)::float8 END AS efficiency_ratio,
+           dc.avg_battery_temp, coalesce(dc.record_count, 0) AS record_count,
            EXISTS (SELECT 1 FROM devices WHERE device_id = %(id)s AND kind = 'vehicle')
            OR EXISTS (SELECT 1 FROM meter_vehicle_correlations WHERE vehicle_id = %(id)s) AS known
-    FROM (SELECT) AS one LEFT JOIN vehicle_efficiency_24h e ON e.vehicle_id = %(id)s
+    FROM w, dc, ac
 """
 
 
