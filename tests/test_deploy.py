@@ -57,6 +57,8 @@ def test_image_commands_are_the_commands_the_tests_run() -> None:
     assert 'CMD ["python", "-m", "api"]' in dockerfile
     assert "USER telemetry" in dockerfile and "HEALTHCHECK" in dockerfile
     commands = {name: s.get("command") for name, s in compose()["services"].items() if "build" in s}
+    assert commands.pop("simulator")[0] == "firmware-sim"
+    assert compose()["services"]["simulator"]["profiles"] == ["simulator"]
     assert commands == {
         "migrate": ["alembic", "upgrade", "head"],
         "bridge": ["python", "-m", "bridge"],

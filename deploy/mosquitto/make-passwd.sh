@@ -6,6 +6,9 @@ out=/mosquitto/config/passwd
 : > "$out"
 mosquitto_passwd -b "$out" bridge "$MQTT_BRIDGE_PASSWORD"
 mosquitto_passwd -b "$out" api "$MQTT_API_PASSWORD"
+if [ -n "${MQTT_SIMULATOR_PASSWORD:-}" ]; then
+    mosquitto_passwd -b "$out" simulator "$MQTT_SIMULATOR_PASSWORD"
+fi
 for pair in ${MQTT_DEVICES:-}; do
     mosquitto_passwd -b "$out" "${pair%%:*}" "${pair#*:}"
 done
