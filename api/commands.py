@@ -5,6 +5,10 @@ with response topic `…/cmd/result` and the command id as correlation data) and
 broker acknowledged it. The device answers on `…/cmd/result`; the bridge stores that answer (`acked`
 or `failed`) and announces it on `telemetry/committed`, where we pick it up to wake waiters and tell
 live clients. Commands nobody answered in time are swept to `expired`.
+
+Devices the bridge takes through an adapter (Tasmota, Shelly, ESPHome: their `devices.meta.adapter`)
+get relay commands in their own dialect instead (bridge.adapters); the bridge turns their answers into
+the same `acked`/`failed`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from bridge import committed, topics
+from bridge import adapters, committed, topics
 
 from .config import ApiSettings
 from .errors import Conflict, Invalid, NotFound, Unavailable
@@ -103,6 +107,14 @@ async def device_kind(pool: AsyncConnectionPool, device_id: str) -> str | None:
     return row[0] if row else None
 
 
+async def device_adapter(pool: AsyncConnectionPool, device_id: str) -> dict[str, Any] | None:
+    """The command address of a device the bridge takes through an adapter (Tasmota, Shelly, ESPHome)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT meta->'adapter' FROM devices WHERE device_id = %s", (device_id,))
+        row = await cur.fetchone()
+    return row[0] if row and isinstance(row[0], dict) and row[0].get("firmware") else None
+
+
 class Commands:
     def __init__(self, settings: ApiSettings, pool: AsyncConnectionPool, mqtt: MqttLink, hub: Hub) -> None:
         self.settings, self.pool, self.mqtt, self.hub = settings, pool, mqtt, hub
@@ -138,6 +150,9 @@ class Commands:
         """
         command_id = str(uuid.uuid4())
         message = {**params, "commandId": command_id, "command": command}
+        dialect = await self._dialect(device_id, kind, command, params)
+        if dialect is not None:
+            message.update(dialect.stored)  # what the device's answer is matched against (bridge.adapters)
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 _INSERT, (command_id, device_id, kind, command, Jsonb(message), self.settings.command_timeout)
@@ -151,7 +166,7 @@ class Commands:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters[command_id] = waiter
         try:
-            status, result = await self._publish(device_id, kind, command_id, message)
+            status, result = await self._publish(device_id, kind, command_id, message, dialect)
             if waiter is not None and status not in FINAL:
                 status, result = await self._wait(command_id, waiter, wait)
         finally:
@@ -166,16 +181,39 @@ class Commands:
             "expiresAt": iso(expires_at),
         }
 
-    async def _publish(self, device_id: str, kind: str, command_id: str, message: dict[str, Any]) -> tuple[str, Any]:
+    async def _dialect(
+        self, device_id: str, kind: str, command: str, params: dict[str, Any]
+    ) -> adapters.Dialect | None:
+        """How an adapted device takes the command (None: a native device); 422 for what it cannot do."""
+        address = await device_adapter(self.pool, device_id)
+        if address is None:
+            return None
+        try:
+            return adapters.command(address, kind, device_id, command, params, self.settings.core.shelly_rpc_src)
+        except adapters.Unsupported as exc:
+            raise Invalid(str(exc), details=[{"field": "command", "message": str(exc)}]) from exc
+
+    async def _publish(
+        self,
+        device_id: str,
+        kind: str,
+        command_id: str,
+        message: dict[str, Any],
+        dialect: adapters.Dialect | None = None,
+    ) -> tuple[str, Any]:
         topic = topics.device_topic(kind, device_id, "cmd")  # type: ignore[arg-type]
         try:
-            await self.mqtt.publish(
-                topic,
-                orjson.dumps(message),
-                qos=1,
-                response_topic=f"{topic}/result",
-                correlation=command_id.encode(),
-            )
+            if dialect is not None:
+                for dialect_topic, payload in dialect.messages:
+                    await self.mqtt.publish(dialect_topic, payload, qos=1)
+            else:
+                await self.mqtt.publish(
+                    topic,
+                    orjson.dumps(message),
+                    qos=1,
+                    response_topic=f"{topic}/result",
+                    correlation=command_id.encode(),
+                )
         except Unavailable as exc:
             # never reached the broker: it will not be delivered later either
             async with self.pool.connection() as conn:
@@ -347,7 +385,9 @@ async def post_command(request: Request) -> Response:
         raise NotFound(f"unknown device {device_id!r}")
     command, params, force = parse_command(body)
     if kind == "pump" and starts_pump(command, params) and not force:
-        await refuse_dry_run(request, device_id)
+        # a relay taken through an adapter has no tank sensors: there is no level to protect
+        if await device_adapter(services.pool, device_id) is None:
+            await refuse_dry_run(request, device_id)
     sent = await services.commands.send(device_id, kind, command, params)
     return json_response(sent, 202)
 

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
+from .adapters import DEFAULT_RPC_SRC, Spec, parse_specs
 from .errors import ConfigError
 
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@127.0.0.1:5432/telemetry"
@@ -206,6 +207,9 @@ class Settings:
     schema_level: str = "auto"  # auto | full | apache | plain
     health_host: str = "127.0.0.1"
     health_port: int | None = 9108  # None: no /healthz and /metrics server
+    # Tasmota, Shelly and ESPHome devices on their own topics (bridge.adapters, docs/adapters.md)
+    adapters: tuple[Spec, ...] = ()
+    shelly_rpc_src: str = DEFAULT_RPC_SRC  # our name in Shelly JSON-RPC requests; replies come to <it>/…
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -222,6 +226,9 @@ class Settings:
         if level not in ("auto", "full", "apache", "plain"):
             raise ConfigError(f"SCHEMA_LEVEL: expected auto, full, apache or plain, got {level!r}")
         health_host, health_port = _health(env)
+        rpc_src = env.get("SHELLY_RPC_SRC") or DEFAULT_RPC_SRC
+        if any(not level or "+" in level or "#" in level for level in rpc_src.split("/")):
+            raise ConfigError(f"SHELLY_RPC_SRC: expected a topic prefix without wildcards, got {rpc_src!r}")
         return cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL).with_tls_files(env),
@@ -239,4 +246,6 @@ class Settings:
             schema_level=level,
             health_host=health_host,
             health_port=health_port,
+            adapters=parse_specs(env.get("ADAPTERS")),
+            shelly_rpc_src=rpc_src,
         )

@@ -73,6 +73,10 @@ class MqttIngress:
         self._connected = threading.Event()
         self._connack: int | None = None
         self._sub_mid: int | None = None
+        # at most this many decoded messages wait for the writer (see _hold_back)
+        self._high_water = max(2 * settings.batch_size, min(settings.receive_maximum, 65535))
+        self._space = threading.Condition()
+        self._waiting = False
         self.generation = 0
         self.protocol: MQTTProtocolVersion = mqtt.MQTTv5
         self.reconnects = 0
@@ -165,7 +169,8 @@ class MqttIngress:
             self.reconnects += 1
         # messages buffered on the old connection are no longer ackable there; the broker redelivers them
         self.generation += 1
-        subs = topics.subscriptions(self._settings.shared_group)
+        adapters = self._decoder.adapters
+        subs = topics.subscriptions(self._settings.shared_group, adapters.subscriptions() if adapters else ())
         if self.protocol == mqtt.MQTTv5:
             _, self._sub_mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in subs])
         else:
@@ -192,7 +197,7 @@ class MqttIngress:
             topic = repr(msg._topic)
         payload = bytes(msg.payload)
         try:
-            item = self._decoder.decode(topic, payload, received)
+            item = self._decoder.decode(topic, payload, received, bool(msg.retain))
         except Exception as exc:  # a decoder bug must not kill paho's thread or lose the message
             log.exception("decoding %s failed", topic)
             item = DeadLetter(topic, payload, f"internal error while decoding: {exc!r}", received)
@@ -205,8 +210,25 @@ class MqttIngress:
         item.generation = self.generation
         self._buffer.append(item)
         n = len(self._buffer)
-        if (n == 1 or n >= self._settings.batch_size) and self._loop is not None:
+        # wake the writer once per batch (first message, batch full), never per message
+        if (n == 1 or n == self._settings.batch_size) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+        if n >= self._high_water:
+            self._hold_back()
+
+    def _hold_back(self) -> None:
+        """Stop reading from the broker until the writer has caught up.
+
+        Mosquitto 2.0.11 refills the whole Receive Maximum window on every PUBACK, so the window alone
+        does not bound what we hold. Blocking paho's network thread here leaves the rest in the broker
+        (TCP backpressure): memory stays bounded. The writer drains the buffer without needing this
+        thread, and our PUBACKs go out once it resumes.
+        """
+        with self._space:
+            self._waiting = True
+            while len(self._buffer) > self._high_water // 2 and self._client is not None:
+                self._space.wait(0.5)
+            self._waiting = False
 
     # ---- the event loop's side -------------------------------------------------------------
 
@@ -240,7 +262,11 @@ class MqttIngress:
             except TimeoutError:
                 break
         n = min(size, len(self._buffer))
-        return [self._buffer.popleft() for _ in range(n)]
+        batch = [self._buffer.popleft() for _ in range(n)]
+        if self._waiting:
+            with self._space:
+                self._space.notify_all()
+        return batch
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         client = self._client

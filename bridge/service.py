@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import alerts, committed
+from .adapters import Adapters, Context
 from .config import Settings
 from .db import Database
 from .errors import DatabaseUnavailable
@@ -32,7 +33,10 @@ class Bridge:
         self.ready = asyncio.Event()
         self.health_port: int | None = None
         self._decoder = Decoder(
-            settings.site_timezone, max_future=settings.max_future_skew, max_bytes=settings.max_payload_bytes
+            settings.site_timezone,
+            max_future=settings.max_future_skew,
+            max_bytes=settings.max_payload_bytes,
+            adapters=adapters_for(settings),
         )
         self._ingress: MqttIngress | None = None
         self._db: Database | None = None
@@ -50,7 +54,12 @@ class Bridge:
                 server = HealthServer(self.metrics, self.health, self.settings.health_host, self.settings.health_port)
                 await stack.enter_async_context(server)
                 self.health_port = server.port
-            writer = Writer(db, shared=bool(self.settings.shared_group), alerts=self._alerts)
+            writer = Writer(
+                db,
+                shared=bool(self.settings.shared_group),
+                alerts=self._alerts,
+                offline_after=self.settings.offline_after,
+            )
             self.ready.set()
             next_sweep = time.monotonic()
             while not stop.is_set():
@@ -165,6 +174,14 @@ class Bridge:
             alerts.publish(ingress, raised)
         except Exception as exc:  # a failed sweep is retried at the next one
             log.warning("offline sweep failed: %s", exc)
+
+
+def adapters_for(settings: Settings) -> Adapters | None:
+    """The configured firmware adapters (ADAPTERS), or None: the native topics only."""
+    if not settings.adapters:
+        return None
+    ctx = Context(settings.site_timezone, settings.max_future_skew, settings.max_payload_bytes, settings.shelly_rpc_src)
+    return Adapters(settings.adapters, ctx)
 
 
 def announce(ingress: MqttIngress, batch: list[Decoded], result: WriteResult) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import topics
 from .errors import PayloadError
+
+if TYPE_CHECKING:
+    from .adapters import Adapters
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Timestamp = int | float | str | None
@@ -253,6 +256,9 @@ class CommandResult:
     command_id: str
     ok: bool
     payload: dict[str, Any]
+    # answers that carry no command id (adapted firmwares): the newest pending command of the device
+    # whose stored payload contains this document is the one answered (see bridge.adapters)
+    match: dict[str, Any] | None = None
 
 
 Record = MeterReading | ObisReading | VehicleReading | PumpStatus | PumpEvent | Presence | CommandResult
@@ -270,6 +276,8 @@ class Message:
     payload: bytes = b""
     mid: int = 0
     generation: int = 0
+    # an adapted device's command address (bridge.adapters), kept in `devices.meta.adapter`
+    address: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -352,8 +360,14 @@ class Decoder:
     tz: tzinfo
     max_future: float = 600.0
     max_bytes: int = 64 * 1024
+    adapters: Adapters | None = None  # firmwares taken as they are, on their own topic prefixes
 
-    def decode(self, topic: str, payload: bytes, received_at: datetime) -> Decoded | None:
+    def decode(self, topic: str, payload: bytes, received_at: datetime, retained: bool = False) -> Decoded | None:
+        """`retained`: the broker replayed a kept message on our subscription (adapted devices care)."""
+        if self.adapters is not None and topic.partition("/")[0] not in topics.PREFIX_TO_KIND:
+            adapter = self.adapters.owner(topic)
+            if adapter is not None:
+                return adapter.decode(topic, payload, received_at, retained)
         try:
             where = topics.parse(topic)
         except topics.TopicError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,10 +53,12 @@ def parse(topic: str) -> DeviceTopic:
     return DeviceTopic(kind, device_id, channel)
 
 
-def subscriptions(shared_group: str | None) -> list[str]:
+def subscriptions(shared_group: str | None, extra: Sequence[str] = ()) -> list[str]:
+    """Our device topics, plus `extra` (the adapters' firmware topics, bridge.adapters)."""
+    wanted = [*SUBSCRIPTIONS, *extra]
     if shared_group:
-        return [f"$share/{shared_group}/{t}" for t in SUBSCRIPTIONS]
-    return list(SUBSCRIPTIONS)
+        return [f"$share/{shared_group}/{t}" for t in wanted]
+    return wanted
 
 
 def device_topic(kind: Kind, device_id: str, channel: str) -> str:

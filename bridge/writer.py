@@ -7,6 +7,7 @@ fixed number of round trips whatever its size. Repeats are absorbed by primary k
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,13 +78,35 @@ SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
 """
 
 
+_MATCH_COMMANDS = """
+WITH v AS (SELECT * FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[], %s::text[])
+           AS v(i, device_id, match, status, result)),
+pick AS (
+    SELECT DISTINCT ON (p.command_id) p.command_id, v.i, v.status, v.result
+    FROM v CROSS JOIN LATERAL (
+        SELECT c.command_id FROM commands c
+        WHERE c.device_id = v.device_id AND c.status IN ('queued', 'sent') AND c.payload @> v.match::jsonb
+        ORDER BY c.created_at DESC LIMIT 1) p
+    ORDER BY p.command_id, v.i)
+UPDATE commands c SET status = pick.status, updated_at = now(),
+    result = pick.result::jsonb || jsonb_build_object('commandId', c.command_id)
+FROM pick WHERE c.command_id = pick.command_id AND c.status IN ('queued', 'sent')
+RETURNING pick.i, c.command_id
+"""
+
+
 class Writer:
     """Stores batches. `shared=True` (several bridges on one shared subscription) trusts no cache."""
 
-    def __init__(self, db: Database, *, shared: bool = False, alerts: AlertEngine | None = None) -> None:
+    def __init__(
+        self, db: Database, *, shared: bool = False, alerts: AlertEngine | None = None, offline_after: float = 300.0
+    ) -> None:
         self._db = db
         self._shared = shared
         self._last: dict[str, energy.Last] = {}
+        self._written: dict[str, tuple[str, float]] = {}  # device -> (status, when) of its last upsert
+        self._rewrite_after = min(5.0, offline_after / 2)
+        self._staged_writes: dict[str, tuple[str, float]] = {}
         self._alerts = alerts
 
     async def write(self, items: Sequence[Decoded]) -> WriteResult:
@@ -136,11 +159,17 @@ class Writer:
 
     async def _transaction(self, conn: psycopg.AsyncConnection, items: Sequence[Decoded]) -> WriteResult:
         async with conn.transaction(), conn.cursor() as cur:
+            self._staged_writes = {}
             result, cache = await self._store(cur, items)
         self._last.update(cache)  # only once committed
+        self._written.update(self._staged_writes)
         if self._alerts is not None:
             self._alerts.commit()
         return result
+
+    def _recently_written(self, device_id: str, status: str, now: float) -> bool:
+        last = self._written.get(device_id)
+        return last is not None and last[0] == status and now - last[1] < self._rewrite_after
 
     async def _store(
         self, cur: psycopg.AsyncCursor[Any], items: Sequence[Decoded]
@@ -153,8 +182,8 @@ class Writer:
         events: list[PumpEvent] = []
         commands: list[CommandResult] = []
         letters: list[DeadLetter] = []
-        # device -> (kind, last seen, status); messages are in arrival order, so the last word wins
-        devices: dict[str, tuple[str, datetime, str]] = {}
+        # device -> (kind, last seen, status, adapter address); messages are in arrival order, so the last word wins
+        devices: dict[str, tuple[str, datetime, str, str | None]] = {}
         for item in items:
             if isinstance(item, DeadLetter):
                 letters.append(item)
@@ -175,7 +204,8 @@ class Writer:
                     commands.append(rec)
                 elif isinstance(rec, Presence):
                     status = "online" if rec.online else "offline"
-            devices[item.device_id] = (item.kind, item.received_at, status)
+            address = _json(item.address) if item.address is not None else None
+            devices[item.device_id] = (item.kind, item.received_at, status, address)
 
         if self._shared and meters:
             # several bridges share the subscription: serialize batches per meter, so each sees the
@@ -184,8 +214,13 @@ class Writer:
                 "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%s::text[]) AS m ORDER BY m) s",
                 ([r.meter_id for r in meters],),
             )
-        if devices:
-            result.status_changes = await self._devices(cur, devices)
+        now = time.monotonic()
+        # last_seen to the second is enough: a device written moments ago with the same status is not
+        # rewritten (thousands of row updates per batch otherwise)
+        fresh = {d: v for d, v in devices.items() if v[3] is not None or not self._recently_written(d, v[2], now)}
+        if fresh:
+            result.status_changes = await self._devices(cur, fresh)
+            self._staged_writes = {d: (v[2], now) for d, v in fresh.items()}
         new_keys: set[tuple[str, str, datetime]] = set()
         cache: dict[str, energy.Last] = {}
         if meters:
@@ -220,26 +255,35 @@ class Writer:
         return result, cache
 
     async def _devices(
-        self, cur: psycopg.AsyncCursor[Any], devices: dict[str, tuple[str, datetime, str]]
+        self, cur: psycopg.AsyncCursor[Any], devices: dict[str, tuple[str, datetime, str, str | None]]
     ) -> list[tuple[str, str, str]]:
         ids = list(devices)
-        kinds, seen, status = _cols(list(devices.values()), 3)
+        kinds, seen, status, adapter = _cols(list(devices.values()), 4)
+        # an adapted device's command address (bridge.adapters) is merged into meta.adapter, beside
+        # whatever else meta holds
         await cur.execute(
             """
-            WITH v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[])
-                       AS v(device_id, kind, seen, status)),
-            old AS (SELECT d.device_id, d.status FROM devices d JOIN v USING (device_id))
-            INSERT INTO devices AS d (device_id, kind, status, first_seen, last_seen, status_changed_at)
-            SELECT device_id, kind, status, seen, seen, seen FROM v
+            WITH v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[])
+                       AS v(device_id, kind, seen, status, adapter)),
+            old AS (SELECT d.device_id, d.status FROM devices d JOIN v USING (device_id)),
+            up AS (INSERT INTO devices AS d (device_id, kind, status, first_seen, last_seen, status_changed_at, meta)
+            SELECT device_id, kind, status, seen, seen, seen,
+                   CASE WHEN adapter IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('adapter', adapter::jsonb) END
+            FROM v
             ON CONFLICT (device_id) DO UPDATE SET
                 last_seen = greatest(d.last_seen, EXCLUDED.last_seen),
                 status = EXCLUDED.status,
                 status_changed_at = CASE WHEN d.status <> EXCLUDED.status
-                                         THEN EXCLUDED.status_changed_at ELSE d.status_changed_at END
-            RETURNING d.device_id, d.kind, d.status,
-                      (SELECT old.status FROM old WHERE old.device_id = d.device_id)
+                                         THEN EXCLUDED.status_changed_at ELSE d.status_changed_at END,
+                meta = CASE WHEN EXCLUDED.meta ? 'adapter'
+                            THEN d.meta || jsonb_build_object(
+                                'adapter', coalesce(d.meta->'adapter', '{}'::jsonb) || (EXCLUDED.meta->'adapter'))
+                            ELSE d.meta END
+            RETURNING d.device_id, d.kind, d.status)
+            -- a hash join, not a subquery per returned row (that was quadratic in the batch)
+            SELECT up.device_id, up.kind, up.status, old.status FROM up LEFT JOIN old USING (device_id)
             """,
-            (ids, kinds, seen, status),
+            (ids, kinds, seen, status, adapter),
         )
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
@@ -503,6 +547,12 @@ class Writer:
         return set(await cur.fetchall())
 
     async def _commands(self, cur: psycopg.AsyncCursor[Any], rows: list[CommandResult]) -> None:
+        matched = [(i, r) for i, r in enumerate(rows) if r.match is not None]
+        if matched:
+            await self._matched_commands(cur, rows, matched)
+            rows = [r for r in rows if r.match is None]
+            if not rows:
+                return
         cols = _cols([(r.command_id, r.device_id, "acked" if r.ok else "failed", _json(r.payload)) for r in rows], 4)
         await cur.execute(
             """
@@ -512,6 +562,19 @@ class Writer:
             """,
             cols,
         )
+
+    async def _matched_commands(
+        self, cur: psycopg.AsyncCursor[Any], rows: list[CommandResult], matched: list[tuple[int, CommandResult]]
+    ) -> None:
+        """Answers without a command id (adapted firmwares): each settles the newest pending command of its
+        device whose stored payload contains its `match`; the id found is written into the answer, so the
+        committed note tells the API which command it was."""
+        cols = _cols(
+            [(i, r.device_id, _json(r.match), "acked" if r.ok else "failed", _json(r.payload)) for i, r in matched], 5
+        )
+        await cur.execute(_MATCH_COMMANDS, cols)
+        for i, command_id in await cur.fetchall():
+            rows[i].payload["commandId"] = command_id
 
     async def _dead_letters(self, cur: psycopg.AsyncCursor[Any], rows: list[DeadLetter]) -> None:
         cols = _cols([(r.received_at, r.topic, r.device_id, r.payload, r.reason) for r in rows], 5)
