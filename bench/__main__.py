@@ -1,0 +1,198 @@
+"""`python -m bench`: the performance benchmark of issue 6, in one run, side by side.
+
+It starts its own Mosquitto and PostgreSQL 15 + TimescaleDB (free loopback ports, state in a temporary
+directory, both stopped at the end) and measures, in this order:
+
+  ceilings   the broker alone (mosquitto_pub → mosquitto_sub, and our publishers → mosquitto_sub)
+             and the database alone (COPY of the same rows into the same hypertable)
+  naive      bench/naive.py: paho, one INSERT + COMMIT per message
+  latency    our bridge at a fixed 5,000 msg/s: publish → committed p50/p99/max
+  latency1k  the same at 1,000 msg/s (below its capacity: the latency of batching alone)
+  sustained  our bridge offered 20,000 msg/s for 60 s
+  overload   publishers as fast as they can: our bridge's maximum, its RSS, nothing dropped (profiled)
+  shared     two bridges on one $share subscription (BRIDGE_SHARED_GROUP), same load as overload
+  api        `current-block` and `performance/:vehicleId` under wrk, over a scaled-down reading store
+  ws         1,000 WebSocket clients on /ws, 1,000 updates/s relayed
+
+Every mode is bounded in time. Results: printed, and written to bench/RESULTS.md (full run) and
+`--json FILE`. `--quick` runs small versions of the ingest modes in seconds, for the CI smoke test,
+which asserts only correctness (nothing lost, nothing doubled).
+
+    .venv/bin/python -m bench                      # the full run (~15 minutes)
+    .venv/bin/python -m bench --quick --json out.json
+    .venv/bin/python -m bench --modes latency,overload --no-results
+    .venv/bin/python -m bench --mqtt-url mqtt://… --pg-admin-url postgresql://…   # use running services
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import api_load, ceilings, ingest, report, ws_load
+from .services import Services, create_database, drop_database, own_services, start_broker, stop_process
+
+MODES = ("ceilings", "naive", "latency", "latency1k", "sustained", "overload", "shared", "api", "ws")
+QUICK_MODES = ("ceilings", "naive", "latency", "overload", "shared")
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def full_plan(args: argparse.Namespace) -> dict[str, Any]:
+    meters = args.meters
+    return {
+        "ceilings": {"broker_count": 300_000, "db_count": 300_000},
+        "naive": ingest.Load(publishers=2, meters=meters, count=20_000),
+        "latency": ingest.Load(publishers=2, meters=meters, rate=5_000, duration=30, count=150_000),
+        "latency1k": ingest.Load(publishers=2, meters=meters, rate=1_000, duration=20, count=20_000),
+        "sustained": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
+        "overload": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
+        "shared": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
+        "backlog_limit": 200_000,
+        "drain_timeout": 240.0,
+        "profile_seconds": 20.0,
+        "api_readings": args.api_readings,
+        "ws_clients": 1000,
+        "ws_seconds": 30.0,
+    }
+
+
+def quick_plan(args: argparse.Namespace) -> dict[str, Any]:
+    meters = min(args.meters, 500)
+    return {
+        "ceilings": {"broker_count": 20_000, "db_count": 20_000},
+        "naive": ingest.Load(publishers=2, meters=meters, count=1_000),
+        "latency": ingest.Load(publishers=2, meters=meters, rate=1_000, duration=3, count=3_000),
+        "overload": ingest.Load(publishers=2, meters=meters, count=8_000),
+        "shared": ingest.Load(publishers=2, meters=meters, count=6_000),
+        "backlog_limit": 0,
+        "drain_timeout": 60.0,
+        "profile_seconds": 0.0,
+    }
+
+
+@contextlib.contextmanager
+def services(args: argparse.Namespace) -> Iterator[Services]:
+    """Ours, unless both URLs are given; with only the database URL, our own broker beside it."""
+    base = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
+    if args.mqtt_url and args.pg_admin_url:
+        yield Services(args.mqtt_url, args.pg_admin_url)
+    elif args.pg_admin_url:
+        broker = start_broker(base / "mosquitto")
+        try:
+            yield Services(broker.url, args.pg_admin_url, broker_pid=broker.pid)
+        finally:
+            stop_process(broker.proc)
+    else:
+        with own_services(base) as svc:
+            yield svc
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = quick_plan(args) if args.quick else full_plan(args)
+    modes = [m for m in (args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else MODES))]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes: {sorted(unknown)} (known: {', '.join(MODES)})")
+    out: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": report.machine(),
+        "plan": {k: (v.__dict__ if isinstance(v, ingest.Load) else v) for k, v in plan.items()},
+        "ingest": [],
+        "ceilings": [],
+    }
+    bridge_cmd = shlex.split(args.bridge_cmd) if args.bridge_cmd else None
+    t0 = time.monotonic()
+    with services(args) as svc:
+        out["versions"] = report.versions(svc)
+        # quick: one database for every ingest run (each run has its own device ids); full: a fresh one each
+        shared_db = create_database(svc.admin_url) if args.quick else None
+        try:
+            for mode in modes:
+                log(f"{mode} …")
+                started = time.monotonic()
+                if mode == "ceilings":
+                    c = plan["ceilings"]
+                    for fn, count in (
+                        (ceilings.broker_c, c["broker_count"]),
+                        (ceilings.broker_ours, c["broker_count"]),
+                        (ceilings.database, c["db_count"]),
+                    ):
+                        try:
+                            out["ceilings"].append(fn(svc, count).as_dict())
+                        except Exception as exc:
+                            out["ceilings"].append({"name": fn.__name__, "error": f"{type(exc).__name__}: {exc}"})
+                elif mode in ("naive", "latency", "latency1k", "sustained", "overload", "shared"):
+                    r = ingest.run(
+                        svc,
+                        mode,
+                        plan[mode],
+                        consumer="naive" if mode == "naive" else "ours",
+                        bridges=2 if mode == "shared" else 1,
+                        backlog_limit=plan["backlog_limit"],
+                        drain_timeout=plan["drain_timeout"],
+                        profile_seconds=plan["profile_seconds"] if mode == "overload" else 0.0,
+                        db_url=shared_db,
+                        bridge_cmd=bridge_cmd,
+                    )
+                    out["ingest"].append(r.as_dict())
+                elif mode == "api":
+                    out["api"] = api_load.run(svc, plan.get("api_readings", 1_000_000)).as_dict()
+                elif mode == "ws":
+                    out["ws"] = ws_load.run(svc, plan.get("ws_clients", 1000), plan.get("ws_seconds", 30.0)).as_dict()
+                log(f"{mode} done in {time.monotonic() - started:.0f} s")
+        finally:
+            if shared_db:
+                drop_database(svc.admin_url, shared_db)
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def log(text: str) -> None:
+    print(f"[bench {datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small ingest runs in seconds (correctness only)")
+    p.add_argument("--modes", help=f"comma-separated subset of: {', '.join(MODES)}")
+    p.add_argument("--meters", type=int, default=10_000, help="meters in the simulated fleet (default 10000)")
+    p.add_argument("--api-readings", type=int, default=1_000_000, help="readings stored for the API load")
+    p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument("--results", default=str(RESULTS), help="markdown report (default bench/RESULTS.md)")
+    p.add_argument("--no-results", action="store_true", help="do not write the markdown report")
+    p.add_argument("--mqtt-url", default=os.environ.get("BENCH_MQTT_URL"), help="use this broker instead of our own")
+    p.add_argument("--pg-admin-url", default=os.environ.get("BENCH_PG_ADMIN_URL"), help="use this PostgreSQL")
+    p.add_argument("--bridge-cmd", help="run this instead of `python -m bridge` (to measure a candidate change)")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the report from a saved --json file")
+    args = p.parse_args(argv)
+    if args.render:
+        Path(args.results).write_text(report.markdown(json.loads(Path(args.render).read_text())))
+        log(f"wrote {args.results}")
+        return 0
+    out = run(args)
+    text = report.markdown(out)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    if not args.quick and not args.no_results:
+        Path(args.results).write_text(text)
+        log(f"wrote {args.results}")
+    bad = [r for r in out["ingest"] if r["lost"] or r["doubled"] or r["extra"] or r["timed_out"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
