@@ -40,7 +40,12 @@ class Database:
             await self.close()
         try:
             self._conn = await psycopg.AsyncConnection.connect(
-                self._url, connect_timeout=max(1, int(self._timeout)), autocommit=True
+                self._url,
+                connect_timeout=max(1, int(self._timeout)),
+                autocommit=True,
+                # never prepare: after 5 runs PostgreSQL switches a prepared statement to a generic plan,
+                # which made the batch's device upsert ~10x slower (bench/RESULTS.md)
+                prepare_threshold=None,
             )
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {exc}".strip()) from exc
