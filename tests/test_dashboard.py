@@ -317,3 +317,42 @@ async def test_dashboard_in_chromium(
         await expect(bare_row.locator(".power")).to_have_text("12.75", timeout=WAIT_MS)
     finally:
         controller.close()
+
+
+async def test_dashboard_switches_a_simulated_pump(
+    api_server: ApiServer, mqtt_url: str, apache_url: str, browser: Any
+) -> None:
+    """The pump button on the page switches a firmware-sim pump: its own status then reports the new state."""
+    from firmware_sim import SimConfig, Simulation
+    from playwright.async_api import expect
+
+    from bridge.config import MqttUrl
+
+    prefix = unique("dash")
+    config = SimConfig(mqtt=MqttUrl.parse(mqtt_url), meters=0, vehicles=0, pumps=1, interval=1.0, prefix=prefix)
+    pump = f"{prefix}-pump-001"
+    stop = asyncio.Event()
+    async with Simulation(config) as sim:
+        task = asyncio.create_task(sim.run(stop))
+        try:
+            await wait_for_rows(apache_url, "SELECT 1 FROM pump_latest WHERE device_id = %s", (pump,), 1, within=20)
+            page = await browser.new_page()
+            await page.goto(f"{api_server.base_url}/?token={API_TOKEN}")
+            card = page.locator(f'.pump[data-pump-id="{pump}"]')
+            state = card.locator(".pump-state")
+            await expect(state).to_have_text(re.compile("running|stopped"), timeout=WAIT_MS)
+            before = await state.inner_text()
+            after = "stopped" if before == "running" else "running"
+            await card.locator(".pump-toggle").click()
+            await expect(card.locator(".cmd-status")).to_have_attribute("data-status", "acked", timeout=WAIT_MS)
+            await expect(state).to_have_text(after, timeout=WAIT_MS)
+            rows = await wait_for_rows(
+                apache_url,
+                "SELECT 1 FROM pump_latest WHERE device_id = %s AND pump_running = %s",
+                (pump, after == "running"),
+                1,
+            )
+            assert rows
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
