@@ -63,7 +63,11 @@ class BearerAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.tokens or scope["type"] not in ("http", "websocket") or public(scope["path"]):
+        if (
+            not self.tokens
+            or scope["type"] not in ("http", "websocket")
+            or (scope["type"] == "http" and public(scope["path"]))
+        ):
             await self.app(scope, receive, send)
             return
         presented = b""

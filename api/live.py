@@ -554,6 +554,8 @@ class Hub:
             )
         info = self._block_parts("", start, None)["blockInfo"]
         await self.reply(client, {"type": "dashboard:registered", "meters": meters, "blockInfo": info})
+        # EMS's own dashboard waits for this name (docs/migrating.md)
+        await self.reply(client, {"type": "dashboard:initial", "meters": meters, "blockInfo": info})
 
     async def _subscribe_device(self, client: Client, msg: dict[str, Any]) -> None:
         device_id = _device_id(msg)
@@ -609,6 +611,7 @@ class Hub:
         # exactly like HTTP ingestion: validate as the bridge would, publish, the bridge stores it
         accepted = await ingest.publish(self.settings, self.mqtt, "meter", "reading", body)
         await self.reply(client, {"type": "simulator:ack", **accepted})
+        await self.reply(client, {"type": "simulator:acknowledged", **accepted})  # EMS's simulator's name
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -633,4 +636,5 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 await websocket.close(1011, "server error")
 
 
-routes: list[BaseRoute] = [WebSocketRoute("/ws", websocket_endpoint)]
+# EMS served its WebSocket at the root; `/` stays the dashboard page for plain HTTP
+routes: list[BaseRoute] = [WebSocketRoute("/ws", websocket_endpoint), WebSocketRoute("/", websocket_endpoint)]

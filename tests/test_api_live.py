@@ -284,3 +284,21 @@ async def test_slow_client_is_dropped_and_others_keep_receiving() -> None:
         assert [m.get("n") for m in fast_socket.sent[1:]] == list(range(20))
         assert fast_socket.sent[0] == {"type": "joined", "room": "meter-x"}
     assert fast_socket.closed == (1001, "server shutting down")
+
+
+async def test_ems_clients_find_the_websocket_at_the_root(api_server: ApiServer) -> None:
+    """EMS connected at `/`: the same hub answers there, with EMS's `dashboard:initial`; no token, no socket."""
+    import json as _json
+
+    from websockets.asyncio.client import connect
+
+    root = api_server.base_url.replace("http://", "ws://") + "/"
+    async with connect(f"{root}?token={API_TOKEN}") as ws:
+        await ws.send(_json.dumps({"type": "dashboard:register"}))
+        seen: list[str] = []
+        while "dashboard:initial" not in seen:
+            seen.append(_json.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
+        assert "dashboard:registered" in seen
+    with pytest.raises(Exception):  # noqa: B017 — the handshake is refused (403)
+        async with connect(root):
+            pass
