@@ -69,8 +69,13 @@ async def test_pump_client_subscribes_and_gets_device_updates(api_server: ApiSer
 
 
 async def test_socketio_refuses_a_wrong_token(api_server: ApiServer) -> None:
-    """The same bearer check as /ws: a wrong token cannot connect."""
-    with pytest.raises(socketio.exceptions.ConnectionError):
+    """The same bearer check as /ws: the right token connects, a wrong one is refused as unauthorized."""
+    client, _ = await connected_client(api_server)
+    assert client.connected
+    await client.disconnect()
+    with pytest.raises(
+        socketio.exceptions.ConnectionError, match="failed to connect"
+    ):  # the namespace refused, not the transport
         await connected_client(api_server, token="wrong")
 
 
