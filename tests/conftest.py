@@ -7,6 +7,7 @@ service fails the test loudly; without it (a developer's partial checkout) the t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
@@ -227,9 +228,6 @@ async def api_server(
     apache_url: str, mqtt_url: str, start_bridge: Callable[[Settings], Any]
 ) -> AsyncIterator[ApiServer]:
     """The API on uvicorn beside a running bridge, both on the Apache-level test database."""
-    import uvicorn
-
-    from api.app import create_app
     from api.config import ApiSettings
 
     core = settings_for(apache_url, mqtt_url)
@@ -242,6 +240,17 @@ async def api_server(
         read_obis_wait=5.0,
         db_pool_max=4,
     )
+    async with serve_api(settings) as api:
+        yield api
+
+
+@contextlib.asynccontextmanager
+async def serve_api(settings: Any) -> AsyncIterator[ApiServer]:
+    """The app on a real uvicorn, on an ephemeral 127.0.0.1 port, for as long as the block runs."""
+    import uvicorn
+
+    from api.app import create_app
+
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     )
@@ -253,6 +262,8 @@ async def api_server(
         assert time.monotonic() < deadline, "uvicorn did not start"
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield ApiServer(f"http://127.0.0.1:{port}", settings)
-    server.should_exit = True
-    await asyncio.wait_for(task, 15)
+    try:
+        yield ApiServer(f"http://127.0.0.1:{port}", settings)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

@@ -24,7 +24,7 @@ from bridge.adapters import parse_specs
 from bridge.config import MqttUrl, Settings
 
 from . import adapter_payloads as doc
-from .conftest import API_TOKEN, ApiServer, Publisher, query, settings_for, unique, wait_for_rows
+from .conftest import API_TOKEN, ApiServer, Publisher, query, serve_api, settings_for, unique, wait_for_rows
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -47,9 +47,6 @@ class Site:
 
 @pytest.fixture
 async def site(apache_url: str, mqtt_url: str, start_bridge: Callable[[Settings], Any]) -> AsyncIterator[Site]:
-    import uvicorn
-
-    from api.app import create_app
     from api.config import ApiSettings
 
     tag = unique("fw")
@@ -62,20 +59,8 @@ async def site(apache_url: str, mqtt_url: str, start_bridge: Callable[[Settings]
     settings = ApiSettings(
         core=core, tokens=(API_TOKEN,), mqtt_client_id=unique("api"), command_timeout=10.0, db_pool_max=4
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if task.done():
-            task.result()
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Site(ApiServer(f"http://127.0.0.1:{port}", settings), core, tag)
-    server.should_exit = True
-    await asyncio.wait_for(task, 15)
+    async with serve_api(settings) as api:
+        yield Site(api, core, tag)
 
 
 class FakeFirmware:
