@@ -7,9 +7,9 @@ Continuous aggregates cannot look at neighbouring rows, so the bridge turns ever
   a register that went down was reset, and counts from zero;
 - interval: `kwhConsumedAc` spread over (previous, this] the same way;
 - power: the reading's kW held until the next reading, for at most 5 minutes. Until the next reading
-  arrives, the hold is provisionally the full 5 minutes; the next reading shortens it. A power reading
-  always has pieces in its own block and the next one (possibly 0 kWh) so that the shortening is an
-  upsert of the same keys.
+  arrives, the hold is provisionally the full 5 minutes; the next reading shortens it (and rewrites the
+  pieces only when the hold changed). A power reading within 5 minutes of its block's end always has a
+  piece in the next block too (possibly 0 kWh), so that the shortening is an upsert of the same keys.
 
 Pieces are keyed (meter, source reading time, block start); rewriting them is idempotent.
 """
@@ -75,6 +75,16 @@ def _spread(start: datetime, end: datetime, kwh: float, into: dict[datetime, flo
         t = seg_end
 
 
+def hold_of(cur: Point, nxt: Point | None) -> timedelta:
+    """How long a power reading's kW counts: until the next reading, at most 5 minutes."""
+    if nxt is None:
+        # a meter that sends a register will cover this interval from the next register reading
+        return timedelta(0) if cur.register is not None else MAX_HOLD
+    if method_of(cur, nxt) in ("register", "interval"):
+        return timedelta(0)
+    return min(nxt.ts - cur.ts, MAX_HOLD)
+
+
 def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | None = None) -> list[Piece]:
     """The pieces of `cur`, given its neighbours (`nxt` None: the newest reading, hold provisional)."""
     m = method or method_of(prev, cur)
@@ -92,15 +102,11 @@ def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | N
             _spread(prev.ts, cur.ts, cur.kwh_interval, kwh)
     elif m == "power":
         assert cur.power_kw is not None
-        kwh.setdefault(own + BLOCK, 0.0)
-        if nxt is None:
-            # a meter that sends a register will cover this interval from the next register reading
-            hold = timedelta(0) if cur.register is not None else MAX_HOLD
-        elif method_of(cur, nxt) in ("register", "interval"):
-            hold = timedelta(0)
-        else:
-            hold = min(nxt.ts - cur.ts, MAX_HOLD)
-        t, end = cur.ts, cur.ts + hold
+        if cur.ts + MAX_HOLD > own + BLOCK:
+            # every version of this reading's pieces has the same keys, whatever its hold: the next
+            # reading's upsert then replaces the provisional piece, even with 0 kWh
+            kwh.setdefault(own + BLOCK, 0.0)
+        t, end = cur.ts, cur.ts + hold_of(cur, nxt)
         while t < end:
             blk = block_start(t)
             seg_end = min(blk + BLOCK, end)
@@ -130,7 +136,8 @@ class Outcome:
 def extend(last: Last, new: Sequence[Point]) -> Outcome:
     """In-order readings after the cached newest one: no database look-up needed."""
     out: list[Piece] = []
-    if last.method == "power":
+    if last.method == "power" and hold_of(last.point, new[0]) != hold_of(last.point, None):
+        # the provisional hold of the newest stored reading changes now that its successor is here
         out.extend(pieces(None, last.point, new[0], "power"))
     prev = last.point
     method: Method = "none"

@@ -1,16 +1,21 @@
-"""The bridge's MQTT side: paho in its own network thread, acknowledging only what is committed.
+"""The bridge's MQTT side: one network thread, acknowledging only what is committed.
 
-paho's `on_message` runs in paho's thread and only decodes and appends to a deque: no asyncio per
-message. The event loop is woken once per batch (first message, or batch full), not per message.
-With `manual_ack=True` the PUBACK goes out only when `ack()` is called after the batch's commit, so
-the broker keeps (and redelivers) anything we have not stored. MQTT 5 lets us announce a large
-Receive Maximum; over 3.1.1 (amqtt) the broker's own in-flight window applies.
+The thread reads the socket in large chunks, splits them into packets (`bridge.packets`), decodes each
+PUBLISH and appends it to a deque: no asyncio and no system call per message. The event loop is woken
+once per batch (first message, or batch full). A PUBACK goes out only when `ack()` is called after the
+batch's commit (all of a batch's PUBACKs in one write), so the broker keeps (and redelivers) anything
+we have not stored. MQTT 5 lets us announce a large Receive Maximum; over 3.1.1 (amqtt) the broker's
+own in-flight window applies. `make_client` (paho) serves everything else that speaks MQTT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import selectors
+import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -21,11 +26,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from . import topics
+from . import packets, topics
 from .config import MqttUrl, Settings
 from .errors import BrokerUnavailable
 from .telemetry import DeadLetter, Decoded, Decoder
@@ -33,6 +35,8 @@ from .telemetry import DeadLetter, Decoded, Decoder
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
+KEEPALIVE_S = 30
+READ_SIZE = 256 * 1024
 # CONNACK codes that mean "this broker does not speak MQTT 5": 3.1.1's 1 and MQTT 5's 0x84
 _UNSUPPORTED_PROTOCOL = {1, 0x84}
 
@@ -69,16 +73,25 @@ class MqttIngress:
         self._buffer: deque[Decoded] = deque()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
         self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None  # the connection acknowledgements may go to
+        self._outbox: list[bytes] = []
+        self._out_lock = threading.Lock()
+        self._poke_r, self._poke_w = socket.socketpair()
+        self._poke_r.setblocking(False)
+        self._poke_w.setblocking(False)
         self._connack: int | None = None
-        self._sub_mid: int | None = None
-        # at most this many decoded messages wait for the writer (see _hold_back)
+        self._sub_id = 0
+        self._pub_id = 0
+        # at most this many decoded messages wait for the writer; past it the thread stops reading
+        # the socket (see _serve)
         self._high_water = max(2 * settings.batch_size, min(settings.receive_maximum, 65535))
-        self._space = threading.Condition()
-        self._waiting = False
+        self._paused = False  # shutting down: read nothing more
+        self._holding = False  # the thread stopped reading for want of space
         self.generation = 0
-        self.protocol: MQTTProtocolVersion = mqtt.MQTTv5
+        self.version = 5
         self.reconnects = 0
         self.received = 0
 
@@ -86,22 +99,26 @@ class MqttIngress:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def protocol(self) -> int:
+        """The MQTT protocol level in use: 5, or 4 (3.1.1)."""
+        return self.version
+
     async def __aenter__(self) -> MqttIngress:
         self._loop = asyncio.get_running_loop()
         wanted = self._settings.mqtt_protocol
-        order = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}.get(wanted, [mqtt.MQTTv5, mqtt.MQTTv311])
+        order = {"5": [5], "3.1.1": [4]}.get(wanted, [5, 4])
         last_error: Exception | None = None
-        for protocol in order:
+        for version in order:
+            # amqtt never answers an MQTT 5 CONNECT with properties: don't wait long before 3.1.1
+            probing = version == 5 and len(order) > 1
             try:
-                # amqtt never answers an MQTT 5 CONNECT with properties: don't wait long before 3.1.1
-                probing = protocol == mqtt.MQTTv5 and len(order) > 1
-                await self._start(protocol, wait=3.0 if probing else 10.0)
+                await self._start(version, wait=3.0 if probing else 10.0)
                 return self
             except BrokerUnavailable as exc:
                 last_error = exc
-                self._stop()
-                if self._connack not in _UNSUPPORTED_PROTOCOL and protocol == mqtt.MQTTv5 and len(order) > 1:
-                    # no CONNACK at all (amqtt), or the socket closed: try 3.1.1 too
+                await self._stop()
+                if probing:
                     log.info("MQTT 5 connect failed (%s); trying MQTT 3.1.1", exc)
         assert last_error is not None
         raise last_error
@@ -109,126 +126,260 @@ class MqttIngress:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop()
+        await self._stop()
+        self._poke_r.close()
+        self._poke_w.close()
 
-    async def _start(self, protocol: MQTTProtocolVersion, wait: float = 10.0) -> None:
+    async def _start(self, version: int, wait: float) -> None:
         s = self._settings
-        self.protocol = protocol
+        self.version = version
         self._connack = None
         self._connected.clear()
-        client = make_client(s.mqtt, s.client_id, protocol, manual_ack=True, clean=False)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        props = None
-        if protocol == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            props.ReceiveMaximum = min(s.receive_maximum, 65535)
-        self._client = client
-        try:
-            if protocol == mqtt.MQTTv5:
-                await asyncio.to_thread(
-                    client.connect, s.mqtt.host, s.mqtt.port, 30, clean_start=False, properties=props
-                )
-            else:
-                await asyncio.to_thread(client.connect, s.mqtt.host, s.mqtt.port, 30)
-        except OSError as exc:
-            raise BrokerUnavailable(f"cannot connect to {s.mqtt.host}:{s.mqtt.port}: {exc}") from exc
-        client.loop_start()
-        ok = await asyncio.to_thread(self._connected.wait, wait)
-        if not ok:
-            code = self._connack
-            raise BrokerUnavailable(
-                f"no CONNACK from {s.mqtt.host}:{s.mqtt.port}" + (f" (reason code {code})" if code else "")
-            )
+        self._stopping.clear()
+        sock, rest = await asyncio.to_thread(self._handshake, version, wait)
+        self._thread = threading.Thread(target=self._run, args=(sock, rest), name="mqtt-ingress", daemon=True)
+        self._thread.start()
+        # ready only once the broker confirmed the subscription: earlier publishes would not reach us
+        if not await asyncio.to_thread(self._connected.wait, wait):
+            raise BrokerUnavailable(f"no SUBACK from {s.mqtt.host}:{s.mqtt.port} within {wait:.0f} s")
         log.info(
             "connected to %s:%d over MQTT %s as %s",
             s.mqtt.host,
             s.mqtt.port,
-            "5" if protocol == mqtt.MQTTv5 else "3.1.1",
+            "5" if version == 5 else "3.1.1",
             s.client_id,
         )
 
-    def _stop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
+    async def _stop(self) -> None:
+        self._stopping.set()
+        self._poke()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 10.0)
         self._connected.clear()
 
-    # ---- paho's thread --------------------------------------------------------------------
+    def pause(self) -> None:
+        """Read nothing more from the broker (shutdown: what is held is flushed, the rest stays queued)."""
+        self._paused = True
+        self._poke()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            self._connack = reason.value
-            log.warning("broker refused the connection: %s", reason)
-            return
-        if self.generation:
-            self.reconnects += 1
-        # messages buffered on the old connection are no longer ackable there; the broker redelivers them
-        self.generation += 1
+    # ---- the network thread ---------------------------------------------------------------
+
+    def _handshake(self, version: int, timeout: float) -> tuple[socket.socket, bytes]:
+        """Connect and wait for CONNACK; returns the socket and whatever the broker sent after it."""
+        s = self._settings
+        url = s.mqtt
+        where = f"{url.host}:{url.port}"
+        try:
+            sock = socket.create_connection((url.host, url.port), timeout=timeout)
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot connect to {where}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            context = url.ssl_context()
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=url.host)
+            sock.sendall(
+                packets.connect(
+                    s.client_id,
+                    version=version,
+                    keepalive=KEEPALIVE_S,
+                    clean=False,
+                    username=url.username,
+                    password=url.password,
+                    session_expiry=SESSION_EXPIRY_S,
+                    receive_maximum=max(1, min(s.receive_maximum, 65535)),
+                )
+            )
+            buf = bytearray()
+            while (found := packets.first(buf)) is None:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise BrokerUnavailable(f"{where} closed the connection before CONNACK")
+                buf += chunk
+            packet, end = found
+            if packet.kind != packets.CONNACK:
+                raise packets.ProtocolError(f"expected CONNACK, got packet type {packet.kind}")
+            _, code = packets.connack(packet.body, version)
+            if code:
+                self._connack = code
+                raise BrokerUnavailable(f"{where} refused the connection (reason code {code})")
+            sock.settimeout(KEEPALIVE_S)
+            return sock, bytes(buf[end:])
+        except TimeoutError as exc:
+            sock.close()
+            raise BrokerUnavailable(f"no CONNACK from {where} within {timeout:.0f} s") from exc
+        except (OSError, packets.ProtocolError) as exc:
+            sock.close()
+            raise BrokerUnavailable(f"connecting to {where} failed: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+
+    def _run(self, sock: socket.socket | None, rest: bytes) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            if sock is None:
+                try:
+                    sock, rest = self._handshake(self.version, 10.0)
+                except BrokerUnavailable as exc:
+                    log.warning("reconnecting to the broker failed: %s; next try in %.0f s", exc, delay)
+                    self._stopping.wait(delay)
+                    delay = min(2 * delay, 10.0)
+                    continue
+                self.reconnects += 1
+                log.info("reconnected to the broker")
+            delay = 1.0
+            try:
+                self._serve(sock, rest)
+            except (OSError, packets.ProtocolError) as exc:  # timeouts and TLS errors are OSErrors too
+                if not self._stopping.is_set():
+                    log.warning("lost the broker connection (%s); reconnecting", exc)
+            except Exception:  # a bug of ours: log it, and keep the bridge connected
+                log.exception("MQTT ingress failed; reconnecting")
+            finally:
+                self._connected.clear()
+                with self._out_lock:
+                    self._sock = None
+                    self._outbox.clear()  # acknowledgements for a closed connection mean nothing
+                with contextlib.suppress(OSError):
+                    sock.close()
+                sock = None
+
+    def _serve(self, sock: socket.socket, rest: bytes) -> None:
+        version = self.version
+        with self._out_lock:
+            # messages held from the old connection are no longer ackable: the broker redelivers them
+            self.generation += 1
+            self._sock = sock
+            self._sub_id = self._sub_id % 65535 + 1
         adapters = self._decoder.adapters
         subs = topics.subscriptions(self._settings.shared_group, adapters.subscriptions() if adapters else ())
-        if self.protocol == mqtt.MQTTv5:
-            _, self._sub_mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in subs])
-        else:
-            _, self._sub_mid = client.subscribe([(t, 1) for t in subs])
+        sock.sendall(packets.subscribe(self._sub_id, subs, version=version))
+        buf = bytearray(rest)
+        publishes: list[packets.Publish] = []
+        others: list[packets.Packet] = []
+        tls = isinstance(sock, ssl.SSLSocket)
+        last_in = last_out = time.monotonic()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._poke_r, selectors.EVENT_READ)
+            reading = False
+            while True:
+                if buf:
+                    used = packets.split(buf, version, publishes, others)
+                    if used:
+                        del buf[:used]
+                    if publishes:
+                        self._take(publishes)
+                        publishes.clear()
+                    if others:
+                        self._control(others)
+                        others.clear()
+                if self._stopping.is_set():
+                    break
+                # backpressure: past the high-water mark the socket is left unread, so the broker
+                # keeps the rest (Mosquitto refills a whole Receive Maximum window on every PUBACK)
+                want = not self._paused and len(self._buffer) < self._high_water
+                self._holding = not want
+                if want != reading:
+                    if want:
+                        selector.register(sock, selectors.EVENT_READ)
+                        last_in = time.monotonic()
+                    else:
+                        selector.unregister(sock)
+                    reading = want
+                now = time.monotonic()
+                for key, _ in selector.select(max(0.0, last_out + KEEPALIVE_S / 2 - now)):
+                    if key.fileobj is self._poke_r:
+                        with contextlib.suppress(BlockingIOError):
+                            while self._poke_r.recv(4096):
+                                pass
+                        continue
+                    chunk = sock.recv(READ_SIZE)
+                    if not chunk:
+                        raise ConnectionError("the broker closed the connection")
+                    buf += chunk
+                    while tls and sock.pending():  # type: ignore[attr-defined]
+                        buf += sock.recv(READ_SIZE)
+                    last_in = time.monotonic()
+                out = self._take_outbox()
+                now = time.monotonic()
+                if now - last_out >= KEEPALIVE_S / 2:
+                    out += packets.PING
+                if out:
+                    sock.sendall(out)
+                    last_out = now
+                if reading and now - last_in > 1.5 * KEEPALIVE_S:
+                    raise TimeoutError(f"nothing from the broker for {now - last_in:.0f} s")
+            sock.sendall(self._take_outbox() + packets.GOODBYE)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
-        # ready only once the broker confirmed the subscription: earlier publishes would not reach us
-        if mid == self._sub_mid:
-            failed = [r for r in reasons if r.is_failure]
-            if failed:
-                log.error("broker refused subscriptions: %s", failed)
-            self._connected.set()
+    def _take(self, publishes: list[packets.Publish]) -> None:
+        """Decode and queue received PUBLISHes (the hot path: no asyncio, no system call per message)."""
+        decode = self._decoder.decode
+        buffer = self._buffer
+        generation = self.generation
+        size = self._settings.batch_size
+        loop = self._loop
+        wake = self._wake.set
+        dropped: list[int] = []
+        for raw_topic, payload, qos, retain, pid in publishes:
+            received = datetime.now(UTC)
+            try:
+                topic = raw_topic.decode()
+            except UnicodeDecodeError:
+                topic = repr(raw_topic)
+            try:
+                item = decode(topic, payload, received, retain)
+            except Exception as exc:  # a decoder bug must not kill the thread or lose the message
+                log.exception("decoding %s failed", topic)
+                item = DeadLetter(topic, payload, f"internal error while decoding: {exc!r}", received)
+            if item is None:
+                if qos:
+                    dropped.append(pid)
+                continue
+            item.mid = pid
+            item.generation = generation
+            buffer.append(item)
+            n = len(buffer)
+            # wake the writer once per batch (first message, batch full), never per message
+            if (n == 1 or n == size) and loop is not None:
+                loop.call_soon_threadsafe(wake)
+        self.received += len(publishes)
+        if dropped:
+            with self._out_lock:
+                self._outbox.append(packets.pubacks(dropped))
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self._connected.clear()
-        if self._client is client:
-            log.warning("disconnected from the broker (%s); paho reconnects", reason)
+    def _control(self, others: list[packets.Packet]) -> None:
+        for packet in others:
+            if packet.kind == packets.SUBACK:
+                pid, codes = packets.suback(packet.body, self.version)
+                if pid == self._sub_id:
+                    failed = [c for c in codes if c >= 0x80]
+                    if failed:
+                        log.error("broker refused subscriptions: reason codes %s", failed)
+                    self._connected.set()
+            elif packet.kind == packets.DISCONNECT:
+                code = packet.body[0] if packet.body else 0
+                raise ConnectionError(f"the broker disconnected us (reason code {code:#04x})")
+            elif packet.kind not in (packets.PINGRESP, packets.PUBACK):
+                log.debug("ignoring MQTT packet type %d", packet.kind)
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        received = datetime.now(UTC)
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            topic = repr(msg._topic)
-        payload = bytes(msg.payload)
-        try:
-            item = self._decoder.decode(topic, payload, received, bool(msg.retain))
-        except Exception as exc:  # a decoder bug must not kill paho's thread or lose the message
-            log.exception("decoding %s failed", topic)
-            item = DeadLetter(topic, payload, f"internal error while decoding: {exc!r}", received)
-        self.received += 1
-        if item is None:
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        item.mid = msg.mid if msg.qos else 0
-        item.generation = self.generation
-        self._buffer.append(item)
-        n = len(self._buffer)
-        # wake the writer once per batch (first message, batch full), never per message
-        if (n == 1 or n == self._settings.batch_size) and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
-        if n >= self._high_water:
-            self._hold_back()
+    def _take_outbox(self) -> bytes:
+        with self._out_lock:
+            out, self._outbox = self._outbox, []
+        return b"".join(out)
 
-    def _hold_back(self) -> None:
-        """Stop reading from the broker until the writer has caught up.
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):  # full: the thread is already due to wake; closed: stopping
+            self._poke_w.send(b"\0")
 
-        Mosquitto 2.0.11 refills the whole Receive Maximum window on every PUBACK, so the window alone
-        does not bound what we hold. Blocking paho's network thread here leaves the rest in the broker
-        (TCP backpressure): memory stays bounded. The writer drains the buffer without needing this
-        thread, and our PUBACKs go out once it resumes.
-        """
-        with self._space:
-            self._waiting = True
-            while len(self._buffer) > self._high_water // 2 and self._client is not None:
-                self._space.wait(0.5)
-            self._waiting = False
+    def _send(self, data: bytes) -> bool:
+        with self._out_lock:
+            if self._sock is None or not self._connected.is_set():
+                return False
+            self._outbox.append(data)
+        self._poke()
+        return True
 
     # ---- the event loop's side -------------------------------------------------------------
 
@@ -252,7 +403,7 @@ class MqttIngress:
                 except TimeoutError:
                     return []
         deadline = time.monotonic() + interval
-        while len(self._buffer) < size:
+        while len(self._buffer) < size and not self._holding:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -263,21 +414,27 @@ class MqttIngress:
                 break
         n = min(size, len(self._buffer))
         batch = [self._buffer.popleft() for _ in range(n)]
-        if self._waiting:
-            with self._space:
-                self._space.notify_all()
+        if self._holding:
+            self._poke()  # there is room again: the thread may read the socket
         return batch
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
-        client = self._client
-        if client is not None and self._connected.is_set():
-            client.publish(topic, payload, qos=qos)
+        """Publish our own notes and alerts; dropped while disconnected (the database holds what they say).
+
+        At QoS 1 the broker's PUBACK is not waited for, and nothing is resent after a reconnect.
+        """
+        if qos:
+            self._pub_id = self._pub_id % 65535 + 1
+        self._send(packets.publish(topic, payload, version=self.version, qos=min(qos, 1), packet_id=self._pub_id))
 
     def ack(self, items: Sequence[Decoded]) -> None:
-        client = self._client
-        if client is None:
-            return
-        generation = self.generation
-        for item in items:
-            if item.mid and item.generation == generation:
-                client.ack(item.mid, 1)
+        """PUBACK every message of a committed batch that came on the current connection, in one write."""
+        with self._out_lock:
+            if self._sock is None:
+                return
+            generation = self.generation
+            pids = [item.mid for item in items if item.mid and item.generation == generation]
+            if not pids:
+                return
+            self._outbox.append(packets.pubacks(pids))
+        self._poke()

@@ -74,7 +74,8 @@ class Bridge:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
                     await self._sweep(db, ingress)
-            # shutdown: flush what paho already handed us, then let the context managers disconnect
+            # shutdown: read nothing more, flush what we hold, then let the context managers disconnect
+            ingress.pause()
             while ingress.pending():
                 batch = await ingress.next_batch(timeout=0)
                 result = await self._store(writer, batch, None) if batch else None

@@ -63,7 +63,7 @@ def _json(value: Any) -> str:
 
 
 _ENERGY_CONTEXT = """
-WITH req AS (SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS r(meter_id, lo, hi))
+WITH req AS (SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[]) AS r(meter_id, lo, hi))
 SELECT 'b', x.* FROM req CROSS JOIN LATERAL (
     SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
     WHERE m.meter_id = req.meter_id AND m.ts < req.lo ORDER BY m.ts DESC LIMIT 2) x
@@ -79,7 +79,7 @@ SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
 
 
 _MATCH_COMMANDS = """
-WITH v AS (SELECT * FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[], %s::text[])
+WITH v AS (SELECT * FROM unnest(%b::int[], %b::text[], %b::text[], %b::text[], %b::text[])
            AS v(i, device_id, match, status, result)),
 pick AS (
     SELECT DISTINCT ON (p.command_id) p.command_id, v.i, v.status, v.result
@@ -211,7 +211,7 @@ class Writer:
             # several bridges share the subscription: serialize batches per meter, so each sees the
             # other's committed neighbours when it computes energy pieces (sorted: no deadlocks)
             await cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%s::text[]) AS m ORDER BY m) s",
+                "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%b::text[]) AS m ORDER BY m) s",
                 ([r.meter_id for r in meters],),
             )
         now = time.monotonic()
@@ -245,7 +245,7 @@ class Writer:
         if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
             result.alerts = await self._alerts.evaluate(cur, items, new_keys, result.status_changes)
         await cur.execute(
-            "UPDATE counters SET value = value + v.n FROM unnest(%s::text[], %s::bigint[]) AS v(name, n) "
+            "UPDATE counters SET value = value + v.n FROM unnest(%b::text[], %b::bigint[]) AS v(name, n) "
             "WHERE counters.name = v.name",
             (
                 ["messages_received", "messages_stored", "dead_letters"],
@@ -263,7 +263,7 @@ class Writer:
         # whatever else meta holds
         await cur.execute(
             """
-            WITH v AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[])
+            WITH v AS (SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[], %b::text[], %b::text[])
                        AS v(device_id, kind, seen, status, adapter)),
             old AS (SELECT d.device_id, d.status FROM devices d JOIN v USING (device_id)),
             up AS (INSERT INTO devices AS d (device_id, kind, status, first_seen, last_seen, status_changed_at, meta)
@@ -293,11 +293,12 @@ class Writer:
             """
             INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
                                         current, frequency, power_factor)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[],
-                                 %s::float8[], %s::float8[], %s::float8[], %s::float8[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[],
+                                 %b::float8[], %b::float8[], %b::float8[], %b::float8[])
             ON CONFLICT DO NOTHING RETURNING 'meter', meter_id, ts
             """,
             cols,
+            binary=True,  # timestamps come back parsed in C, not from text
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: r.meter_id)
@@ -306,8 +307,8 @@ class Writer:
             """
             INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
                                            current, frequency, power_factor)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[],
-                                 %s::float8[], %s::float8[], %s::float8[], %s::float8[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[],
+                                 %b::float8[], %b::float8[], %b::float8[], %b::float8[])
             ON CONFLICT (meter_id) DO UPDATE SET
                 ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
                 energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage,
@@ -360,7 +361,7 @@ class Writer:
         if replace:
             ids, stamps = _cols(replace, 2)
             await cur.execute(
-                "DELETE FROM meter_energy e USING unnest(%s::text[], %s::timestamptz[]) AS r(meter_id, source_ts) "
+                "DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, source_ts) "
                 "WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts",
                 (ids, stamps),
             )
@@ -368,8 +369,8 @@ class Writer:
         await cur.execute(
             """
             INSERT INTO meter_energy (meter_id, ts, source_ts, kwh, power_kw, is_reading)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::float8[],
-                                 %s::boolean[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::float8[], %b::float8[],
+                                 %b::boolean[])
             ON CONFLICT (meter_id, source_ts, ts) DO UPDATE SET
                 kwh = EXCLUDED.kwh, power_kw = EXCLUDED.power_kw, is_reading = EXCLUDED.is_reading
             """,
@@ -382,10 +383,11 @@ class Writer:
         await cur.execute(
             """
             INSERT INTO vehicle_readings (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[])
             ON CONFLICT DO NOTHING RETURNING 'vehicle', vehicle_id, ts
             """,
             cols,
+            binary=True,  # timestamps come back parsed in C, not from text
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: r.vehicle_id)
@@ -393,7 +395,7 @@ class Writer:
         await cur.execute(
             """
             INSERT INTO vehicle_latest AS l (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[])
             ON CONFLICT (vehicle_id) DO UPDATE SET
                 ts = EXCLUDED.ts, soc = EXCLUDED.soc, kwh_delivered_dc = EXCLUDED.kwh_delivered_dc,
                 battery_temp = EXCLUDED.battery_temp, updated_at = now()
@@ -453,15 +455,16 @@ class Writer:
                 pump_total_runtime_hours, pump_protection_active, pump_overcurrent_protection,
                 pump_overtime_protection, auto_mode_enabled, manual_pump_control, water_supply_active)
             SELECT * FROM unnest(
-                %s::text[], %s::timestamptz[],
-                %s::float8[], %s::float8[], %s::boolean[], %s::boolean[], %s::boolean[], %s::boolean[],
-                %s::float8[], %s::float8[], %s::boolean[], %s::boolean[], %s::boolean[], %s::boolean[],
-                %s::boolean[], %s::boolean[], %s::float8[], %s::float8[], %s::float8[], %s::float8[],
-                %s::float8[], %s::float8[], %s::boolean[], %s::boolean[], %s::boolean[],
-                %s::boolean[], %s::boolean[], %s::boolean[])
+                %b::text[], %b::timestamptz[],
+                %b::float8[], %b::float8[], %b::boolean[], %b::boolean[], %b::boolean[], %b::boolean[],
+                %b::float8[], %b::float8[], %b::boolean[], %b::boolean[], %b::boolean[], %b::boolean[],
+                %b::boolean[], %b::boolean[], %b::float8[], %b::float8[], %b::float8[], %b::float8[],
+                %b::float8[], %b::float8[], %b::boolean[], %b::boolean[], %b::boolean[],
+                %b::boolean[], %b::boolean[], %b::boolean[])
             ON CONFLICT DO NOTHING RETURNING 'pump', device_id, ts
             """,
             _cols(flat, 28),
+            binary=True,  # timestamps come back parsed in C, not from text
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: r.device_id)
@@ -488,8 +491,8 @@ class Writer:
             INSERT INTO pump_latest AS l (device_id, ts, status, pump_running, ground_level_percent,
                                           roof_level_percent, ground_sensor_working)
             SELECT d, t, s::jsonb, r, g, f, w
-            FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::boolean[], %s::float8[], %s::float8[],
-                        %s::boolean[]) AS v(d, t, s, r, g, f, w)
+            FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::boolean[], %b::float8[], %b::float8[],
+                        %b::boolean[]) AS v(d, t, s, r, g, f, w)
             ON CONFLICT (device_id) DO UPDATE SET
                 ts = EXCLUDED.ts, status = EXCLUDED.status, pump_running = EXCLUDED.pump_running,
                 ground_level_percent = EXCLUDED.ground_level_percent,
@@ -510,19 +513,20 @@ class Writer:
         await cur.execute(
             """
             INSERT INTO obis_readings (meter_id, ts, obis_code, value, raw_value, scaler, unit, quality)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::float8[], %s::float8[],
-                                 %s::smallint[], %s::text[], %s::text[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::float8[], %b::float8[],
+                                 %b::smallint[], %b::text[], %b::text[])
             ON CONFLICT DO NOTHING RETURNING 'obis', meter_id, ts
             """,
             flat(rows),
+            binary=True,  # timestamps come back parsed in C, not from text
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: (r.meter_id, r.obis_code))
         await cur.execute(
             """
             INSERT INTO obis_latest AS l (meter_id, ts, obis_code, value, raw_value, scaler, unit, quality)
-            SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::float8[], %s::float8[],
-                                 %s::smallint[], %s::text[], %s::text[])
+            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::float8[], %b::float8[],
+                                 %b::smallint[], %b::text[], %b::text[])
             ON CONFLICT (meter_id, obis_code) DO UPDATE SET
                 ts = EXCLUDED.ts, value = EXCLUDED.value, raw_value = EXCLUDED.raw_value,
                 scaler = EXCLUDED.scaler, unit = EXCLUDED.unit, quality = EXCLUDED.quality, updated_at = now()
@@ -538,11 +542,12 @@ class Writer:
         await cur.execute(
             """
             INSERT INTO pump_events (device_id, ts, event, payload)
-            SELECT d, t, e, p::jsonb FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[])
+            SELECT d, t, e, p::jsonb FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::text[])
                 AS v(d, t, e, p)
             ON CONFLICT DO NOTHING RETURNING 'event', device_id, ts
             """,
             cols,
+            binary=True,  # timestamps come back parsed in C, not from text
         )
         return set(await cur.fetchall())
 
@@ -557,7 +562,7 @@ class Writer:
         await cur.execute(
             """
             UPDATE commands c SET status = v.status, result = v.result::jsonb, updated_at = now()
-            FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS v(command_id, device_id, status, result)
+            FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[]) AS v(command_id, device_id, status, result)
             WHERE c.command_id = v.command_id AND c.device_id = v.device_id AND c.status IN ('queued', 'sent')
             """,
             cols,
@@ -581,7 +586,7 @@ class Writer:
         await cur.execute(
             """
             INSERT INTO dead_letters (received_at, topic, device_id, payload, reason)
-            SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::bytea[], %s::text[])
+            SELECT * FROM unnest(%b::timestamptz[], %b::text[], %b::text[], %b::bytea[], %b::text[])
             """,
             cols,
         )
