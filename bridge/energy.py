@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 
 BLOCK = timedelta(minutes=30)
 MAX_HOLD = timedelta(minutes=5)
@@ -29,16 +29,14 @@ _BLOCK_S = 1800
 Method = Literal["register", "interval", "power", "none"]
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
+class Point(NamedTuple):  # a tuple: built thousands of times per batch
     ts: datetime
     power_kw: float | None
     kwh_interval: float | None
     register: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):  # a tuple: built thousands of times per batch
     source_ts: datetime
     block: datetime
     kwh: float
@@ -47,9 +45,11 @@ class Piece:
 
 
 def block_start(ts: datetime) -> datetime:
-    """Start of the 30-minute block holding `ts` (blocks start on :00 and :30)."""
-    epoch = int(ts.timestamp()) // _BLOCK_S * _BLOCK_S
-    return datetime.fromtimestamp(epoch, UTC)
+    """Start of the 30-minute block holding `ts` (blocks start on :00 and :30 UTC)."""
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    minute = ts.minute
+    return ts.replace(minute=minute - minute % 30, second=0, microsecond=0)
 
 
 def method_of(prev: Point | None, cur: Point) -> Method:
@@ -89,6 +89,18 @@ def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | N
     """The pieces of `cur`, given its neighbours (`nxt` None: the newest reading, hold provisional)."""
     m = method or method_of(prev, cur)
     own = block_start(cur.ts)
+    if m == "power":
+        assert cur.power_kw is not None
+        hold = hold_of(cur, nxt)
+        following = own + BLOCK
+        if cur.ts + hold <= following:  # the usual case, kept cheap: the hold stays in its own block
+            kw = cur.power_kw
+            out = [Piece(cur.ts, own, kw * hold.total_seconds() / 3600.0 if hold else 0.0, kw, True)]
+            if cur.ts + MAX_HOLD > following:
+                # every version of this reading's pieces has the same keys, whatever its hold: the
+                # next reading's upsert then replaces the provisional piece, even with 0 kWh
+                out.append(Piece(cur.ts, following, 0.0, None, False))
+            return out
     kwh: dict[datetime, float] = {own: 0.0}
     if m == "register":
         assert prev is not None and prev.register is not None and cur.register is not None
@@ -102,10 +114,7 @@ def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | N
             _spread(prev.ts, cur.ts, cur.kwh_interval, kwh)
     elif m == "power":
         assert cur.power_kw is not None
-        if cur.ts + MAX_HOLD > own + BLOCK:
-            # every version of this reading's pieces has the same keys, whatever its hold: the next
-            # reading's upsert then replaces the provisional piece, even with 0 kWh
-            kwh.setdefault(own + BLOCK, 0.0)
+        kwh.setdefault(own + BLOCK, 0.0)  # the hold crosses into the next block
         t, end = cur.ts, cur.ts + hold_of(cur, nxt)
         while t < end:
             blk = block_start(t)
@@ -118,8 +127,7 @@ def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | N
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class Last:
+class Last(NamedTuple):  # a tuple: built thousands of times per batch
     """The newest stored reading of a meter and how its energy was counted."""
 
     point: Point
