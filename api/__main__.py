@@ -20,7 +20,14 @@ def main() -> int:
     except TelemetryError as exc:
         print(f"api: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # uvloop and httptools (dependencies) are picked up by uvicorn's "auto" loop and HTTP parser
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=settings.access_log,
+    )
     return 0
 
 

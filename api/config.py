@@ -10,6 +10,15 @@ from bridge.config import Settings, _float, _int, environment, legacy
 from bridge.errors import ConfigError
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    value = (env.get(name) or "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     core: Settings = field(default_factory=Settings)
@@ -24,6 +33,8 @@ class ApiSettings:
     pump_dry_run_percent: float = 10.0
     mqtt_client_id: str = "telemetry-api"
     cors_origins: tuple[str, ...] = ()
+    # one log line per request costs ~10 % of a small request's time; a proxy in front usually logs them
+    access_log: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
@@ -45,4 +56,5 @@ class ApiSettings:
             mqtt_client_id=env.get("API_CLIENT_ID") or f"telemetry-api-{os.getpid()}",
             # EMS's name for the browser origins allowed to call the API
             cors_origins=tuple(o.strip() for o in (env.get("ALLOWED_ORIGINS") or "").split(",") if o.strip()),
+            access_log=_bool(env, "API_ACCESS_LOG"),
         )

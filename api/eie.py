@@ -166,22 +166,28 @@ async def correlate(request: Request) -> Response:
     return json_response({"vehicleId": pair.vehicleId, "meterId": pair.meterId, "createdAt": iso(row[0])}, status)
 
 
-# The same sums as the `vehicle_efficiency_24h` view (the current hour and the 23 before it), for one
-# vehicle: a filter on the view would not reach inside its FULL JOIN, and every vehicle would be summed.
+# The figures of `vehicle_efficiency_24h` (the current hour and the 23 before it) for one vehicle (a
+# filter on the view would not reach inside its FULL JOIN), read from the rows its aggregates sum, with
+# ranges PostgreSQL can use: `since` is on the hour, so "hourly bucket >= since" is "ts >= since"; no
+# energy piece of a block comes from a reading older than the block before it (see api.ems._BLOCK_AT).
+# Through the Apache/plain views the bucket filter was an expression over each device's whole history.
 _PERFORMANCE = """
-    WITH dc AS (SELECT sum(e.kwh_dc) AS kwh_dc,
-                  sum(e.battery_temp_sum) / nullif(sum(e.battery_temp_count), 0) AS avg_battery_temp,
-                  sum(e.record_count)::bigint AS record_count
-           FROM vehicle_energy_1h e WHERE e.vehicle_id = %(id)s AND e.bucket >= %(since)s),
-    ac AS (SELECT sum(m.kwh) AS kwh_ac
-           FROM meter_vehicle_correlations c JOIN meter_energy_1h m ON m.meter_id = c.meter_id
-           WHERE c.vehicle_id = %(id)s AND m.bucket >= %(since)s)
+    WITH dc AS (SELECT sum(r.kwh_delivered_dc) AS kwh_dc,
+                  sum(r.battery_temp) / nullif(count(r.battery_temp), 0) AS avg_battery_temp,
+                  count(*) AS record_count
+           FROM vehicle_readings r WHERE r.vehicle_id = %(id)s AND r.ts >= %(since)s),
+    ac AS (SELECT sum(e.kwh) AS kwh_ac
+           FROM meter_vehicle_correlations c JOIN meter_energy e ON e.meter_id = c.meter_id
+           WHERE c.vehicle_id = %(id)s AND e.ts >= %(since)s
+             AND e.source_ts >= %(since)s::timestamptz - INTERVAL '30 minutes')
     SELECT %(since)s::timestamptz AS period_start, now() AS period_end,
-           CASE WHEN dc.record_count IS NOT NULL OR ac.kwh_ac IS NOT NULL THEN %(id)s END AS vehicle_id,
+           CASE WHEN dc.record_count > 0 OR ac.kwh_ac IS NOT NULL THEN %(id)s END AS vehicle_id,
            round(coalesce(ac.kwh_ac, 0)::numeric, 6)::float8 AS kwh_ac,
            round(coalesce(dc.kwh_dc, 0)::numeric, 6)::float8 AS kwh_dc,
-           CASE WHEN ac.kwh_ac > 0 THEN round((dc.kwh_dc / ac.kwh_ac)::numeric, 6)::float8 END AS efficiency_ratio,
-           dc.avg_battery_temp, coalesce(dc.record_count, 0) AS record_count,
+           CASE WHEN ac.kwh_ac > 0 AND dc.record_count > 0
+                THEN round((coalesce(dc.kwh_dc, 0) / ac.kwh_ac)::numeric, 6)::float8 END
+               AS efficiency_ratio,
+           dc.avg_battery_temp, dc.record_count,
            EXISTS (SELECT 1 FROM devices WHERE device_id = %(id)s AND kind = 'vehicle')
            OR EXISTS (SELECT 1 FROM meter_vehicle_correlations WHERE vehicle_id = %(id)s) AS known
     FROM dc, ac

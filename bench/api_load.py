@@ -232,7 +232,10 @@ def explain(db_url: str) -> dict[str, Any]:
     except Exception as exc:  # the API being incomplete must not stop the benchmark
         return {"error": f"cannot import the API's queries: {exc!r}"}
     cases: dict[str, tuple[str | None, Any]] = {
-        "current-block": (getattr(ems, "_BLOCK_AT", None), ("apim-0", block_start(datetime.now(UTC)))),
+        "current-block": (
+            getattr(ems, "_BLOCK_AT", None),
+            {"id": "apim-0", "start": block_start(datetime.now(UTC))},
+        ),
         "performance": (
             getattr(eie, "_PERFORMANCE", None),
             {
