@@ -43,29 +43,33 @@ class Bridge:
         self._inflight_since: datetime | None = None
         self._db_ok = True
         self._last_commit: float | None = None
-        self._alerts = alerts.AlertEngine(shared=bool(settings.shared_group))
+        self._engines = [alerts.AlertEngine(shared=bool(settings.shared_group)) for _ in range(settings.writers)]
+        self._alerts = self._engines[0]
 
     async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
-            db = await stack.enter_async_context(Database(self.settings.database_url))
-            ingress = await stack.enter_async_context(MqttIngress(self.settings, self._decoder))
+            s = self.settings
+            shared = bool(s.shared_group)
+            # several writers, each with its own connection and its own share of the devices: while one
+            # waits for the database, another runs its Python (the process is one core's worth)
+            dbs = [await stack.enter_async_context(Database(s.database_url)) for _ in range(s.writers)]
+            writers = [
+                Writer(db, shared=shared, alerts=engine, offline_after=s.offline_after)
+                for db, engine in zip(dbs, self._engines, strict=True)
+            ]
+            db = dbs[0]
+            ingress = await stack.enter_async_context(MqttIngress(s, self._decoder))
             self._db, self._ingress = db, ingress
-            if self.settings.health_port is not None:
-                server = HealthServer(self.metrics, self.health, self.settings.health_host, self.settings.health_port)
+            if s.health_port is not None:
+                server = HealthServer(self.metrics, self.health, s.health_host, s.health_port)
                 await stack.enter_async_context(server)
                 self.health_port = server.port
-            writer = Writer(
-                db,
-                shared=bool(self.settings.shared_group),
-                alerts=self._alerts,
-                offline_after=self.settings.offline_after,
-            )
             self.ready.set()
             next_sweep = time.monotonic()
             while not stop.is_set():
                 batch = await ingress.next_batch(timeout=0.5)
                 if batch:
-                    result = await self._store(writer, batch, stop)
+                    result = await self._store(writers, batch, stop)
                     if result is None:
                         break  # stopping while the database is away: the broker keeps the rest
                     ingress.ack(batch)
@@ -78,7 +82,7 @@ class Bridge:
             ingress.pause()
             while ingress.pending():
                 batch = await ingress.next_batch(timeout=0)
-                result = await self._store(writer, batch, None) if batch else None
+                result = await self._store(writers, batch, None) if batch else None
                 if result is None:
                     break
                 ingress.ack(batch)
@@ -113,10 +117,27 @@ class Bridge:
         if self._db is not None:
             self.metrics.db_reconnects.set(self._db.reconnects)
 
-    async def _store(self, writer: Writer, batch: list[Decoded], stop: asyncio.Event | None) -> WriteResult | None:
+    async def _store(
+        self, writers: list[Writer], batch: list[Decoded], stop: asyncio.Event | None
+    ) -> WriteResult | None:
+        """Store a batch, each device's messages by the same writer (in order); all writers at once."""
         self._inflight_since = min(item.received_at for item in batch)
         try:
-            return await self._store_with_retry(writer, batch, stop)
+            if len(writers) == 1:
+                return await self._store_with_retry(writers[0], batch, stop)
+            parts: list[list[Decoded]] = [[] for _ in writers]
+            n = len(writers)
+            for item in batch:
+                parts[hash(item.device_id) % n].append(item)
+            results = await asyncio.gather(
+                *(self._store_with_retry(w, part, stop) for w, part in zip(writers, parts, strict=True) if part)
+            )
+            total = WriteResult()
+            for result in results:
+                if result is None:
+                    return None  # stopping: what another writer committed is redelivered and absorbed
+                total.add(result)
+            return total
         finally:
             self._inflight_since = None
 

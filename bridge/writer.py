@@ -95,6 +95,9 @@ RETURNING pick.i, c.command_id
 """
 
 
+_COUNTERS = ["messages_received", "messages_stored", "dead_letters"]
+
+
 class Writer:
     """Stores batches. `shared=True` (several bridges on one shared subscription) trusts no cache."""
 
@@ -244,13 +247,12 @@ class Writer:
         result.dead_letters = len(letters)
         if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
             result.alerts = await self._alerts.evaluate(cur, items, new_keys, result.status_changes)
+        # concurrent writers (BRIDGE_WRITERS) take the counters' row locks in one order: no deadlock
+        await cur.execute("SELECT 1 FROM counters WHERE name = ANY(%b::text[]) ORDER BY name FOR UPDATE", (_COUNTERS,))
         await cur.execute(
             "UPDATE counters SET value = value + v.n FROM unnest(%b::text[], %b::bigint[]) AS v(name, n) "
             "WHERE counters.name = v.name",
-            (
-                ["messages_received", "messages_stored", "dead_letters"],
-                [result.received, result.stored, result.dead_letters],
-            ),
+            (_COUNTERS, [result.received, result.stored, result.dead_letters]),
         )
         return result, cache
 
@@ -322,22 +324,24 @@ class Writer:
 
     async def _energy(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> dict[str, energy.Last]:
         by_meter: dict[str, dict[datetime, energy.Point]] = defaultdict(dict)
+        Point = energy.Point
         for r in rows:
-            by_meter[r.meter_id][r.ts] = energy.Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
+            by_meter[r.meter_id][r.ts] = Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
         outcomes: dict[str, energy.Outcome] = {}
         lookup: dict[str, list[energy.Point]] = {}
+        cached = {} if self._shared else self._last
         for meter_id, points in by_meter.items():
-            ordered = [points[t] for t in sorted(points)]
-            last = None if self._shared else self._last.get(meter_id)
+            ordered = list(points.values()) if len(points) == 1 else [points[t] for t in sorted(points)]
+            last = cached.get(meter_id)
             if last is not None and ordered[0].ts > last.point.ts:
                 outcomes[meter_id] = energy.extend(last, ordered)
             else:
                 lookup[meter_id] = ordered
         if lookup:
-            ids = list(lookup)
+            wanted = list(lookup)
             await cur.execute(
                 _ENERGY_CONTEXT,
-                (ids, [lookup[m][0].ts for m in ids], [lookup[m][-1].ts for m in ids]),
+                (wanted, [lookup[m][0].ts for m in wanted], [lookup[m][-1].ts for m in wanted]),
             )
             found: dict[str, dict[str, list[energy.Point]]] = defaultdict(lambda: defaultdict(list))
             for where, meter_id, ts, power, interval, register in await cur.fetchall():
@@ -347,25 +351,37 @@ class Writer:
                 before = sorted(ctx["b"], key=lambda p: p.ts)
                 after = ctx["a"][0] if ctx["a"] else None
                 outcomes[meter_id] = energy.merge(before, ctx["m"], new, after)
-        pieces: dict[tuple[str, datetime, datetime], energy.Piece] = {}
+        # the columns of the pieces, built directly: a meter's pieces have distinct (source, block) keys
+        # by construction (one reading per source time, one piece per block), so no row repeats
+        ids: list[str] = []
+        blocks: list[datetime] = []
+        sources: list[datetime] = []
+        kwhs: list[float] = []
+        powers: list[float | None] = []
+        own: list[bool] = []
         replace: list[tuple[str, datetime]] = []
         cache: dict[str, energy.Last] = {}
         for meter_id, outcome in outcomes.items():
-            for p in outcome.pieces:
-                pieces[(meter_id, p.source_ts, p.block)] = p
-            replace.extend((meter_id, ts) for ts in outcome.replace)
+            got = outcome.pieces
+            ids += [meter_id] * len(got)
+            for p in got:
+                sources.append(p.source_ts)
+                blocks.append(p.block)
+                kwhs.append(p.kwh)
+                powers.append(p.power_kw)
+                own.append(p.is_reading)
+            if outcome.replace:
+                replace.extend((meter_id, ts) for ts in outcome.replace)
             if outcome.last is not None:
                 cache[meter_id] = outcome.last
             else:
                 self._last.pop(meter_id, None)
         if replace:
-            ids, stamps = _cols(replace, 2)
             await cur.execute(
                 "DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, source_ts) "
                 "WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts",
-                (ids, stamps),
+                _cols(replace, 2),
             )
-        cols = _cols([(k[0], p.block, p.source_ts, p.kwh, p.power_kw, p.is_reading) for k, p in pieces.items()], 6)
         await cur.execute(
             """
             INSERT INTO meter_energy (meter_id, ts, source_ts, kwh, power_kw, is_reading)
@@ -374,7 +390,7 @@ class Writer:
             ON CONFLICT (meter_id, source_ts, ts) DO UPDATE SET
                 kwh = EXCLUDED.kwh, power_kw = EXCLUDED.power_kw, is_reading = EXCLUDED.is_reading
             """,
-            cols,
+            (ids, blocks, sources, kwhs, powers, own),
         )
         return cache
 
