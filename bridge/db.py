@@ -11,6 +11,7 @@ from types import TracebackType
 
 import psycopg
 
+from . import arrays
 from .errors import DatabaseUnavailable
 from .schema import libpq_url
 
@@ -49,6 +50,7 @@ class Database:
             )
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {exc}".strip()) from exc
+        arrays.register(self._conn)
         return self._conn
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from psycopg import errors as pg_errors
 
 from . import energy
 from .alerts import AlertEngine
+from .arrays import Bools, Floats, Stamps, Texts, columns
 from .db import Database
 from .errors import DatabaseUnavailable
 from .telemetry import (
@@ -95,6 +96,7 @@ RETURNING pick.i, c.command_id
 """
 
 
+_METER_KINDS = "tsfffffff"
 _COUNTERS = ["messages_received", "messages_stored", "dead_letters"]
 
 
@@ -259,8 +261,8 @@ class Writer:
     async def _devices(
         self, cur: psycopg.AsyncCursor[Any], devices: dict[str, tuple[str, datetime, str, str | None]]
     ) -> list[tuple[str, str, str]]:
-        ids = list(devices)
-        kinds, seen, status, adapter = _cols(list(devices.values()), 4)
+        ids = Texts(devices)
+        kinds, seen, status, adapter = columns(devices.values(), "tstt")
         # an adapted device's command address (bridge.adapters) is merged into meta.adapter, beside
         # whatever else meta holds
         await cur.execute(
@@ -290,7 +292,7 @@ class Writer:
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
     async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> set[Any]:
-        cols = _cols([_meter_row(r) for r in rows], 9)
+        cols = columns([_meter_row(r) for r in rows], _METER_KINDS)
         await cur.execute(
             """
             INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
@@ -304,7 +306,7 @@ class Writer:
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: r.meter_id)
-        cols = _cols([_meter_row(r) for r in latest], 9)
+        cols = columns([_meter_row(r) for r in latest], _METER_KINDS)
         await cur.execute(
             """
             INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
@@ -341,7 +343,11 @@ class Writer:
             wanted = list(lookup)
             await cur.execute(
                 _ENERGY_CONTEXT,
-                (wanted, [lookup[m][0].ts for m in wanted], [lookup[m][-1].ts for m in wanted]),
+                (
+                    Texts(wanted),
+                    Stamps([lookup[m][0].ts for m in wanted]),
+                    Stamps([lookup[m][-1].ts for m in wanted]),
+                ),
             )
             found: dict[str, dict[str, list[energy.Point]]] = defaultdict(lambda: defaultdict(list))
             for where, meter_id, ts, power, interval, register in await cur.fetchall():
@@ -380,7 +386,7 @@ class Writer:
             await cur.execute(
                 "DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, source_ts) "
                 "WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts",
-                _cols(replace, 2),
+                columns(replace, "ts"),
             )
         await cur.execute(
             """
@@ -390,12 +396,12 @@ class Writer:
             ON CONFLICT (meter_id, source_ts, ts) DO UPDATE SET
                 kwh = EXCLUDED.kwh, power_kw = EXCLUDED.power_kw, is_reading = EXCLUDED.is_reading
             """,
-            (ids, blocks, sources, kwhs, powers, own),
+            (Texts(ids), Stamps(blocks), Stamps(sources), Floats(kwhs), Floats(powers), Bools(own)),
         )
         return cache
 
     async def _vehicles(self, cur: psycopg.AsyncCursor[Any], rows: list[VehicleReading]) -> set[Any]:
-        cols = _cols([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in rows], 5)
+        cols = columns([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in rows], "tsfff")
         await cur.execute(
             """
             INSERT INTO vehicle_readings (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp)
@@ -407,7 +413,7 @@ class Writer:
         )
         new = set(await cur.fetchall())
         latest = _newest(rows, key=lambda r: r.vehicle_id)
-        cols = _cols([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in latest], 5)
+        cols = columns([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in latest], "tsfff")
         await cur.execute(
             """
             INSERT INTO vehicle_latest AS l (vehicle_id, ts, soc, kwh_delivered_dc, battery_temp)
