@@ -60,17 +60,14 @@ class MeterReadingIn(_Model):
 
     @model_validator(mode="after")
     def _has_measurement(self) -> MeterReadingIn:
-        if all(
-            v is None
-            for v in (
-                self.totalPowerKw,
-                self.kwhConsumedAc,
-                self.energyTotalKwh,
-                self.voltage,
-                self.current,
-                self.frequency,
-                self.powerFactor,
-            )
+        if (
+            self.totalPowerKw is None
+            and self.kwhConsumedAc is None
+            and self.energyTotalKwh is None
+            and self.voltage is None
+            and self.current is None
+            and self.frequency is None
+            and self.powerFactor is None
         ):
             raise ValueError("a meter reading needs at least one measurement")
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,8 +37,12 @@ class TopicError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse(topic: str) -> DeviceTopic:
-    """Split `meters/{id}/reading` and the like; raise TopicError naming what is wrong."""
+    """Split `meters/{id}/reading` and the like; raise TopicError naming what is wrong.
+
+    Cached: a fleet publishes on the same few topics per device over and over (a failure is not cached).
+    """
     parts = topic.split("/")
     if len(parts) < 3:
         raise TopicError(f"unknown topic {topic!r}")
