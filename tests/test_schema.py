@@ -93,6 +93,14 @@ def test_downgrade_base_removes_everything_and_upgrade_rebuilds(pg_admin_url: st
     assert relations(url) == built
 
 
+def test_latest_state_tables_leave_room_for_in_place_updates(apache_url: str, plain_url: str) -> None:
+    """Migration 0003: devices and the *_latest tables have fillfactor 50 (HOT updates per batch)."""
+    sql = "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s) ORDER BY relname"
+    tables = ["devices", "meter_latest", "obis_latest", "pump_latest", "vehicle_latest"]
+    for url in (apache_url, plain_url):
+        assert query(url, sql, (tables,)) == [(t, ["fillfactor=50"]) for t in tables]
+
+
 def test_site_settings_come_from_the_environment(pg_admin_url: str) -> None:
     """SITE_TIMEZONE and PEAK_WINDOW at migration time fill site_settings; a bad value names the variable."""
     url = create_database(
