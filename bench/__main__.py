@@ -11,6 +11,7 @@ directory, both stopped at the end) and measures, in this order:
   sustained  our bridge offered 20,000 msg/s for 60 s
   overload   publishers as fast as they can: our bridge's maximum, its RSS, nothing dropped (profiled)
   shared     two bridges on one $share subscription (BRIDGE_SHARED_GROUP), same load as overload
+  partitioned two bridges, each storing half of the devices (BRIDGE_PARTITION 0/2 and 1/2), same load
   api        `current-block` and `performance/:vehicleId` under wrk, over a scaled-down reading store
   ws         1,000 WebSocket clients on /ws, 1,000 updates/s relayed
 
@@ -42,8 +43,9 @@ from typing import Any
 from . import api_load, ceilings, ingest, report, ws_load
 from .services import Services, create_database, drop_database, own_services, start_broker, stop_process
 
-MODES = ("ceilings", "naive", "latency", "latency1k", "sustained", "overload", "shared", "api", "ws")
-QUICK_MODES = ("ceilings", "naive", "latency", "overload", "shared")
+INGEST_MODES = ("naive", "latency", "latency1k", "sustained", "overload", "shared", "partitioned")
+MODES = ("ceilings", *INGEST_MODES, "api", "ws")
+QUICK_MODES = ("ceilings", "naive", "latency", "overload", "shared", "partitioned")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -57,6 +59,7 @@ def full_plan(args: argparse.Namespace) -> dict[str, Any]:
         "sustained": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
         "overload": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "shared": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
+        "partitioned": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "backlog_limit": 200_000,
         "drain_timeout": 240.0,
         "profile_seconds": 20.0,
@@ -74,6 +77,7 @@ def quick_plan(args: argparse.Namespace) -> dict[str, Any]:
         "latency": ingest.Load(publishers=2, meters=meters, rate=1_000, duration=3, count=3_000),
         "overload": ingest.Load(publishers=2, meters=meters, count=8_000),
         "shared": ingest.Load(publishers=2, meters=meters, count=6_000),
+        "partitioned": ingest.Load(publishers=2, meters=meters, count=6_000),
         "backlog_limit": 0,
         "drain_timeout": 60.0,
         "profile_seconds": 0.0,
@@ -132,13 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             out["ceilings"].append(fn(svc, count).as_dict())
                         except Exception as exc:
                             out["ceilings"].append({"name": fn.__name__, "error": f"{type(exc).__name__}: {exc}"})
-                elif mode in ("naive", "latency", "latency1k", "sustained", "overload", "shared"):
+                elif mode in INGEST_MODES:
                     r = ingest.run(
                         svc,
                         mode,
                         plan[mode],
                         consumer="naive" if mode == "naive" else "ours",
-                        bridges=2 if mode == "shared" else 1,
+                        bridges=2 if mode in ("shared", "partitioned") else 1,
+                        partitioned=mode == "partitioned",
                         backlog_limit=plan["backlog_limit"],
                         drain_timeout=plan["drain_timeout"],
                         profile_seconds=plan["profile_seconds"] if mode == "overload" else 0.0,

@@ -253,6 +253,7 @@ def run(
     db_url: str | None = None,
     bridge_env: dict[str, str] | None = None,
     bridge_cmd: list[str] | None = None,
+    partitioned: bool = False,
 ) -> IngestResult:
     """One end-to-end run. `backlog_limit`: stop the publishers once this many published messages wait
     uncommitted (the target is missed by then; it keeps the run and the broker's queue bounded).
@@ -272,15 +273,16 @@ def run(
     try:
         if profile_seconds:
             profile.reset_statements(db_url)
-        shared = f"{prefix}grp" if bridges > 1 else None
+        shared = f"{prefix}grp" if bridges > 1 and not partitioned else None
         metric_urls = [[""] for _ in client_ids]
         for i, cid in enumerate(client_ids):
             log = work / f"consumer-{i}.log"
+            env = dict(bridge_env or {})
+            if partitioned:
+                env["BRIDGE_PARTITION"] = f"{i}/{bridges}"
             if consumer == "ours":
                 consumers.append(
-                    start_bridge(
-                        svc, db_url, cid, log, shared, bridge_cmd or BRIDGE_CMD, bridge_env or {}, metric_urls[i]
-                    )
+                    start_bridge(svc, db_url, cid, log, shared, bridge_cmd or BRIDGE_CMD, env, metric_urls[i])
                 )
             else:
                 consumers.append(start_naive(svc, db_url, cid, log))

@@ -180,6 +180,18 @@ def _health(env: Mapping[str, str]) -> tuple[str, int | None]:
     return host or "127.0.0.1", int(port)
 
 
+def _partition(env: Mapping[str, str]) -> tuple[int, int] | None:
+    raw = (env.get("BRIDGE_PARTITION") or "").strip()
+    if not raw:
+        return None
+    index, sep, count = raw.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count) <= 64:
+        raise ConfigError(f"BRIDGE_PARTITION: expected I/N with 0 <= I < N <= 64 (e.g. 0/2), got {raw!r}")
+    if env.get("BRIDGE_SHARED_GROUP"):
+        raise ConfigError("BRIDGE_PARTITION and BRIDGE_SHARED_GROUP exclude each other: use one way to scale out")
+    return (int(index), int(count)) if int(count) > 1 else None
+
+
 def _default_client_id(env: Mapping[str, str]) -> str:
     # replicas on a shared subscription each need their own session: name it after the host
     if env.get("BRIDGE_SHARED_GROUP"):
@@ -196,6 +208,9 @@ class Settings:
     # MQTT client identity: a stable id is what makes the broker keep our session across restarts
     client_id: str = "telemetry-bridge"
     shared_group: str | None = None
+    # (i, n): this bridge stores the devices that hash to i of n; every bridge of the n receives every
+    # message on its own session and just acknowledges the others' (see bridge.mqtt)
+    partition: tuple[int, int] | None = None
     mqtt_protocol: str = "auto"  # auto | 5 | 3.1.1
     receive_maximum: int = 10000
     batch_size: int = 2000
@@ -228,6 +243,7 @@ class Settings:
         if level not in ("auto", "full", "apache", "plain"):
             raise ConfigError(f"SCHEMA_LEVEL: expected auto, full, apache or plain, got {level!r}")
         health_host, health_port = _health(env)
+        partition = _partition(env)
         rpc_src = env.get("SHELLY_RPC_SRC") or DEFAULT_RPC_SRC
         if any(not level or "+" in level or "#" in level for level in rpc_src.split("/")):
             raise ConfigError(f"SHELLY_RPC_SRC: expected a topic prefix without wildcards, got {rpc_src!r}")
@@ -236,8 +252,11 @@ class Settings:
             mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL).with_tls_files(env),
             site_timezone=tz,
             peak_window=PeakWindow.parse(env.get("PEAK_WINDOW") or "14:00-22:00"),
-            client_id=env.get("BRIDGE_CLIENT_ID") or _default_client_id(env),
+            # each partition keeps a session of its own (the broker queues each one's messages)
+            client_id=(env.get("BRIDGE_CLIENT_ID") or _default_client_id(env))
+            + (f"-{partition[0]}of{partition[1]}" if partition else ""),
             shared_group=env.get("BRIDGE_SHARED_GROUP") or None,
+            partition=partition,
             mqtt_protocol=protocol,
             receive_maximum=_int(env, "BRIDGE_RECEIVE_MAXIMUM", 10000, 1),
             batch_size=_int(env, "BRIDGE_BATCH_SIZE", 2000, 1),

@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -64,6 +65,18 @@ def make_client(
     return client
 
 
+_NATIVE = frozenset(p.encode() for p in topics.PREFIX_TO_KIND)
+
+
+def owner(topic: bytes, count: int) -> int:
+    """Which of `count` partitioned bridges stores this message: a stable hash of the device id (the same
+    in every process, unlike `hash()`); topics of adapted firmwares all go to partition 0."""
+    prefix, _, rest = topic.partition(b"/")
+    if prefix not in _NATIVE:
+        return 0
+    return zlib.crc32(rest.partition(b"/")[0]) % count
+
+
 class MqttIngress:
     """Subscribes to every device topic and hands decoded messages to the writer in batches."""
 
@@ -78,6 +91,12 @@ class MqttIngress:
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None  # the connection acknowledgements may go to
         self._outbox: list[bytes] = []
+        # PUBACKs go out in the order the PUBLISHes came (MQTT 3.1.1 and 5, §4.6): packet ids of QoS 1
+        # messages not yet acknowledged, in arrival order, and those of them that may be. Mosquitto looks
+        # an acknowledged id up from the oldest in-flight message on, so out-of-order acks cost it a scan
+        # each (a partitioned bridge's immediate acks behind held messages made the broker CPU-bound).
+        self._order: deque[int] = deque()
+        self._done: set[int] = set()
         self._out_lock = threading.Lock()
         self._poke_r, self._poke_w = socket.socketpair()
         self._poke_r.setblocking(False)
@@ -242,6 +261,8 @@ class MqttIngress:
                 with self._out_lock:
                     self._sock = None
                     self._outbox.clear()  # acknowledgements for a closed connection mean nothing
+                    self._order.clear()
+                    self._done.clear()
                 with contextlib.suppress(OSError):
                     sock.close()
                 sock = None
@@ -322,7 +343,15 @@ class MqttIngress:
         loop = self._loop
         wake = self._wake.set
         dropped: list[int] = []
+        arrived: list[int] = []
+        partition = self._settings.partition
         for raw_topic, payload, qos, retain, pid in publishes:
+            if qos:
+                arrived.append(pid)
+            if partition is not None and owner(raw_topic, partition[1]) != partition[0]:
+                if qos:
+                    dropped.append(pid)  # another bridge of the partition set stores it, from its own session
+                continue
             received = datetime.now(UTC)
             try:
                 topic = raw_topic.decode()
@@ -345,9 +374,22 @@ class MqttIngress:
             if (n == 1 or n == size) and loop is not None:
                 loop.call_soon_threadsafe(wake)
         self.received += len(publishes)
-        if dropped:
-            with self._out_lock:
-                self._outbox.append(packets.pubacks(dropped))
+        with self._out_lock:
+            self._order.extend(arrived)
+            if dropped:
+                self._done.update(dropped)
+                self._release()
+
+    def _release(self) -> None:
+        """Queue PUBACKs for the oldest unacknowledged messages that may be acknowledged (lock held)."""
+        order, done = self._order, self._done
+        ready: list[int] = []
+        while order and order[0] in done:
+            pid = order.popleft()
+            done.discard(pid)
+            ready.append(pid)
+        if ready:
+            self._outbox.append(packets.pubacks(ready))
 
     def _control(self, others: list[packets.Packet]) -> None:
         for packet in others:
@@ -433,8 +475,9 @@ class MqttIngress:
             if self._sock is None:
                 return
             generation = self.generation
-            pids = [item.mid for item in items if item.mid and item.generation == generation]
-            if not pids:
+            self._done.update(item.mid for item in items if item.mid and item.generation == generation)
+            queued = len(self._outbox)
+            self._release()
+            if len(self._outbox) == queued:
                 return
-            self._outbox.append(packets.pubacks(pids))
         self._poke()

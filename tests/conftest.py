@@ -126,7 +126,7 @@ def settings_for(db_url: str, mqtt_url: str, **overrides: Any) -> Settings:
             "BRIDGE_HEALTH": "127.0.0.1:0",
         }
     )
-    return replace(base, client_id=unique("bridge"), **overrides)
+    return replace(base, **{"client_id": unique("bridge"), **overrides})
 
 
 class RunningBridge:

@@ -297,3 +297,42 @@ async def test_bridge_killed_mid_stream_loses_nothing(apache_url: str, mqtt_url:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def test_partitioned_bridges_store_each_device_once(
+    apache_url: str, mqtt_url: str, start_bridge, publisher: Publisher
+) -> None:
+    """BRIDGE_PARTITION 0/2 and 1/2: every message stored once, each bridge its own devices, in order."""
+    from bridge.mqtt import owner
+
+    group = unique("part")
+    bridges = [
+        await start_bridge(settings_for(apache_url, mqtt_url, partition=(i, 2), client_id=f"{group}-{i}of2"))
+        for i in range(2)
+    ]
+    meters = [unique("m") for _ in range(12)]
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+    for minute in range(5):
+        for m in meters:
+            body = {"totalPowerKw": 6.0, "timestamp": iso(start + timedelta(minutes=minute))}
+            publisher.publish(f"meters/{m}/reading", orjson.dumps(body))
+    publisher.publish(f"meters/{meters[0]}/reading", b"not json")
+    rows = await wait_for_rows(
+        apache_url, "SELECT meter_id, ts FROM meter_readings WHERE meter_id = ANY(%s)", (meters,), 5 * len(meters)
+    )
+    assert sorted(rows) == sorted((m, start + timedelta(minutes=i)) for m in meters for i in range(5))
+    # the held power of each reading ends at the next one: 4 minutes at 6 kW, plus the newest's 5 provisional
+    energy = await wait_for_rows(
+        apache_url,
+        "SELECT meter_id, round(sum(kwh)::numeric, 6) FROM meter_energy WHERE meter_id = ANY(%s) GROUP BY 1",
+        (meters,),
+        len(meters),
+    )
+    assert {float(kwh) for _, kwh in energy} == {0.9}
+    letters = await wait_for_rows(apache_url, "SELECT 1 FROM dead_letters WHERE device_id = %s", (meters[0],), 1)
+    assert len(letters) == 1
+    mine = [sum(owner(f"meters/{m}/reading".encode(), 2) == i for m in meters) for i in range(2)]
+    assert all(mine), "the test's meters should fall on both partitions"
+    for i, rb in enumerate(bridges):
+        stored = rb.bridge.metrics.stored._value.get()
+        assert stored == 5 * mine[i], (i, stored, mine)

@@ -72,12 +72,22 @@ def test_our_names_win_over_old_ones() -> None:
         ({"METER_POLLING_INTERVAL": "soon"}, "METER_POLLING_INTERVAL"),
         ({"MQTT_URL": "mqtts://b:8883", "MQTT_CA_FILE": "/nonexistent/ca.pem"}, "MQTT_CA_FILE"),
         ({"BRIDGE_HEALTH": "nowhere"}, "BRIDGE_HEALTH"),
+        ({"BRIDGE_PARTITION": "2/2"}, "BRIDGE_PARTITION"),
+        ({"BRIDGE_PARTITION": "0/2", "BRIDGE_SHARED_GROUP": "g"}, "BRIDGE_PARTITION"),
+        ({"API_ACCESS_LOG": "maybe"}, "API_ACCESS_LOG"),
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     """A malformed value fails with an error that names its variable."""
     with pytest.raises(ConfigError, match=variable):
         ApiSettings.from_env(env)
+
+
+def test_partition_names_its_own_session() -> None:
+    """BRIDGE_PARTITION i/N: the bridge's client id gets an `-iofN` suffix, so each partition keeps its session."""
+    s = Settings.from_env({"BRIDGE_PARTITION": "1/3", "BRIDGE_CLIENT_ID": "br"})
+    assert (s.partition, s.client_id) == ((1, 3), "br-1of3")
+    assert Settings.from_env({"BRIDGE_PARTITION": "0/1"}).partition is None
 
 
 def test_example_env_documents_every_variable() -> None:
@@ -97,6 +107,9 @@ def test_example_env_documents_every_variable() -> None:
         "BRIDGE_FLUSH_MS",
         "BRIDGE_RECEIVE_MAXIMUM",
         "BRIDGE_HEALTH",
+        "BRIDGE_WRITERS",
+        "BRIDGE_PARTITION",
+        "API_ACCESS_LOG",
         "MQTT_PROTOCOL",
         "MQTT_CA_FILE",
         "MQTT_CERT_FILE",
