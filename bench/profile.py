@@ -2,8 +2,8 @@
 
 py-spy samples the bridge process from outside (`--nonblocking`: it never pauses the bridge, so the
 run it watches is not slowed down) and writes collapsed stacks; we rank functions by own time (the
-frame on top of the stack) and by inclusive time (anywhere on the stack), over all threads (paho's
-network thread runs `on_message` and the decoder; the event loop thread runs the writer).
+frame on top of the stack) and by inclusive time (anywhere on the stack), over all threads (the
+ingress thread parses packets and decodes; the event loop thread runs the writers).
 """
 
 from __future__ import annotations

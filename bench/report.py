@@ -478,8 +478,8 @@ def _profile(out: dict[str, Any]) -> list[str]:
     if prof.get("error"):
         return [*lines, f"py-spy: {prof['error']}", ""]
     lines += [
-        f"py-spy, {prof['rate_hz']} Hz, {prof['samples']:,} samples over all threads (paho's network thread decodes; "
-        "the event loop thread writes). % of samples.",
+        f"py-spy, {prof['rate_hz']} Hz, {prof['samples']:,} samples over all threads "
+        "(the ingress thread parses and decodes; the event loop thread writes). % of samples.",
         "",
         "| own time (top of stack) | % | | inclusive | % |",
         "|---|---:|---|---|---:|",

@@ -93,8 +93,14 @@ def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | N
         assert cur.power_kw is not None
         hold = hold_of(cur, nxt)
         following = own + BLOCK
-        if cur.ts + hold <= following:  # the usual case, kept cheap: the hold stays in its own block
-            kw = cur.power_kw
+        kw = cur.power_kw
+        end = cur.ts + hold
+        if following < end <= following + BLOCK:  # the hold (at most 5 minutes) crosses into the next block
+            return [
+                Piece(cur.ts, own, kw * (following - cur.ts).total_seconds() / 3600.0, kw, True),
+                Piece(cur.ts, following, kw * (end - following).total_seconds() / 3600.0, None, False),
+            ]
+        if end <= following:  # the usual case, kept cheap: the hold stays in its own block
             out = [Piece(cur.ts, own, kw * hold.total_seconds() / 3600.0 if hold else 0.0, kw, True)]
             if cur.ts + MAX_HOLD > following:
                 # every version of this reading's pieces has the same keys, whatever its hold: the

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bridge.energy import Piece, Point, block_start, extend, merge
+from bridge.energy import Piece, Point, block_start, extend, merge, pieces
 
 T0 = datetime(2026, 11, 20, 13, 0, tzinfo=UTC)
 
@@ -100,3 +100,38 @@ def test_late_reading_recomputes_neighbours() -> None:
 def test_block_start_aligns_to_half_hours() -> None:
     """Blocks start on :00 and :30."""
     assert block_start(datetime(2026, 1, 1, 10, 47, 13, tzinfo=UTC)) == datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
+
+
+def reference_power_pieces(cur: Point, nxt: Point | None) -> list[Piece]:
+    """The power rule written out plainly: the hold walked block by block, keys per the 5-minute rule."""
+    from bridge.energy import BLOCK, MAX_HOLD, hold_of
+
+    assert cur.power_kw is not None
+    own = block_start(cur.ts)
+    kwh = {own: 0.0}
+    if cur.ts + MAX_HOLD > own + BLOCK:
+        kwh[own + BLOCK] = 0.0
+    t, end = cur.ts, cur.ts + hold_of(cur, nxt)
+    while t < end:
+        seg_end = min(block_start(t) + BLOCK, end)
+        kwh[block_start(t)] += cur.power_kw * (seg_end - t).total_seconds() / 3600.0
+        t = seg_end
+    return [Piece(cur.ts, b, v, cur.power_kw if b == own else None, b == own) for b, v in sorted(kwh.items())]
+
+
+def test_power_pieces_match_the_plain_rule_everywhere_in_a_block() -> None:
+    """The fast paths of `pieces` give exactly the plain rule's pieces, at any second of a block and any gap."""
+    import random
+
+    rng = random.Random(6)
+    for _ in range(3000):
+        cur = Point(
+            T0 + timedelta(seconds=rng.randrange(0, 3600), microseconds=rng.randrange(10**6)),
+            rng.choice([-3.5, 0.0, 7.25, 50.0]),
+            None,
+            None,
+        )
+        nxt = (
+            None if rng.random() < 0.3 else Point(cur.ts + timedelta(seconds=rng.uniform(0.001, 900)), 1.0, None, None)
+        )
+        assert pieces(None, cur, nxt, "power") == reference_power_pieces(cur, nxt), (cur, nxt)
