@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -26,6 +27,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import MqttUrl, Settings
+from bridge.energy import BLOCK, block_start
 from bridge.service import Bridge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,6 +193,17 @@ def publisher(mqtt_url: str) -> Iterator[Publisher]:
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+async def room_in_block(after_start: float = 3.0, before_end: float = 20.0) -> datetime:
+    """The current block's start, once `now` is far enough from both of its edges for a test to finish in it."""
+    now = datetime.now(UTC)
+    start = block_start(now)
+    if (start + BLOCK - now).total_seconds() < before_end:
+        await asyncio.sleep((start + BLOCK - now).total_seconds() + after_start)
+    elif (now - start).total_seconds() < after_start:
+        await asyncio.sleep(after_start - (now - start).total_seconds())
+    return block_start(datetime.now(UTC))
 
 
 async def wait_for_rows(url: str, sql: str, params: Any, expected: int, within: float = 15.0) -> list[tuple[Any, ...]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -13,7 +12,7 @@ import pytest
 from bridge.config import PeakWindow
 from bridge.energy import BLOCK, block_start
 
-from .conftest import ApiServer, Publisher, unique, wait_for_rows
+from .conftest import ApiServer, Publisher, room_in_block, unique, wait_for_rows
 
 BERLIN = ZoneInfo("Europe/Berlin")  # the test site (conftest.settings_for)
 PEAK = PeakWindow(time(14), time(22))
@@ -23,17 +22,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 def peak(start: datetime) -> bool:
     return PEAK.contains(start.astimezone(BERLIN).time())
-
-
-async def room_in_block(after_start: float = 3.0, before_end: float = 20.0) -> datetime:
-    """The current block's start, once `now` is far enough from both of its edges for a test to finish in it."""
-    now = datetime.now(UTC)
-    start = block_start(now)
-    if (start + BLOCK - now).total_seconds() < before_end:
-        await asyncio.sleep((start + BLOCK - now).total_seconds() + after_start)
-    elif (now - start).total_seconds() < after_start:
-        await asyncio.sleep(after_start - (now - start).total_seconds())
-    return block_start(datetime.now(UTC))
 
 
 def reading(meter_id: str, ts: datetime, **fields: Any) -> bytes:
