@@ -8,6 +8,7 @@ directory, both stopped at the end) and measures, in this order:
   naive      bench/naive.py: paho, one INSERT + COMMIT per message
   latency    our bridge at a fixed 5,000 msg/s: publish → committed p50/p99/max
   latency1k  the same at 1,000 msg/s (below its capacity: the latency of batching alone)
+  latency2   5,000 msg/s into two bridges partitioned by device (BRIDGE_PARTITION 0/2 and 1/2)
   sustained  our bridge offered 20,000 msg/s for 60 s
   overload   publishers as fast as they can: our bridge's maximum, its RSS, nothing dropped (profiled)
   shared     two bridges on one $share subscription (BRIDGE_SHARED_GROUP), same load as overload
@@ -43,7 +44,7 @@ from typing import Any
 from . import api_load, ceilings, ingest, report, ws_load
 from .services import Services, create_database, drop_database, own_services, start_broker, stop_process
 
-INGEST_MODES = ("naive", "latency", "latency1k", "sustained", "overload", "shared", "partitioned")
+INGEST_MODES = ("naive", "latency", "latency1k", "latency2", "sustained", "overload", "shared", "partitioned")
 MODES = ("ceilings", *INGEST_MODES, "api", "ws")
 QUICK_MODES = ("ceilings", "naive", "latency", "overload", "shared", "partitioned")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -56,6 +57,7 @@ def full_plan(args: argparse.Namespace) -> dict[str, Any]:
         "naive": ingest.Load(publishers=2, meters=meters, count=20_000),
         "latency": ingest.Load(publishers=2, meters=meters, rate=5_000, duration=30, count=150_000),
         "latency1k": ingest.Load(publishers=2, meters=meters, rate=1_000, duration=20, count=20_000),
+        "latency2": ingest.Load(publishers=2, meters=meters, rate=5_000, duration=30, count=150_000),
         "sustained": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
         "overload": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "shared": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
@@ -142,8 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         mode,
                         plan[mode],
                         consumer="naive" if mode == "naive" else "ours",
-                        bridges=2 if mode in ("shared", "partitioned") else 1,
-                        partitioned=mode == "partitioned",
+                        bridges=2 if mode in ("shared", "partitioned", "latency2") else 1,
+                        partitioned=mode in ("partitioned", "latency2"),
                         backlog_limit=plan["backlog_limit"],
                         drain_timeout=plan["drain_timeout"],
                         profile_seconds=plan["profile_seconds"] if mode == "overload" else 0.0,
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     out["ingest"].append(r.as_dict())
                 elif mode == "api":
-                    out["api"] = api_load.run(svc, plan.get("api_readings", 1_000_000)).as_dict()
+                    out["api"] = api_load.run(svc, plan.get("api_readings", 10_000_000)).as_dict()
                 elif mode == "ws":
                     out["ws"] = ws_load.run(svc, plan.get("ws_clients", 1000), plan.get("ws_seconds", 30.0)).as_dict()
                 log(f"{mode} done in {time.monotonic() - started:.0f} s")
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small ingest runs in seconds (correctness only)")
     p.add_argument("--modes", help=f"comma-separated subset of: {', '.join(MODES)}")
     p.add_argument("--meters", type=int, default=10_000, help="meters in the simulated fleet (default 10000)")
-    p.add_argument("--api-readings", type=int, default=1_000_000, help="readings stored for the API load")
+    p.add_argument("--api-readings", type=int, default=10_000_000, help="readings stored for the API load")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--results", default=str(RESULTS), help="markdown report (default bench/RESULTS.md)")
     p.add_argument("--no-results", action="store_true", help="do not write the markdown report")

@@ -2,9 +2,10 @@
 
 The readings are COPYed straight into the tables the bridge fills (meter_readings with one energy
 piece each in meter_energy, vehicle_readings, devices, correlations): loading them through the bridge
-would take far longer than the measurement. Each meter and vehicle has 7 days of 1-minute readings,
-as it would in the 10-million case; the scale-down is in the number of devices (the per-request work
-of both endpoints depends on one device's data, the index depth on the total).
+would take far longer than the measurement. Each meter and vehicle has 7 days of 1-minute readings;
+the full run stores the issue's 10 million (497 meters and 497 vehicles), `--api-readings` scales the
+number of devices down (the per-request work of both endpoints depends on one device's data, the index
+depth on the total).
 
 The load comes from `wrk` (C, a second process); the API is `python -m api` as deployed (one uvicorn
 process).
@@ -77,8 +78,8 @@ class ApiResult:
 
 
 def load(db_url: str, readings: int) -> Loaded:
-    """COPY `readings` readings (half meters, half vehicles), ending now, into a migrated database."""
-    n = max(1, readings // (2 * PER_DEVICE))
+    """COPY at least `readings` readings (half meters, half vehicles), ending now, into a migrated database."""
+    n = max(1, -(-readings // (2 * PER_DEVICE)))
     end = datetime.now(UTC).replace(second=0, microsecond=0)
     start = end - timedelta(minutes=PER_DEVICE - 1)
     meters = [f"apim-{i}" for i in range(n)]
