@@ -6,7 +6,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -44,6 +44,7 @@ class Services:
     mqtt: MqttLink
     hub: live.Hub
     commands: commands.Commands
+    rollups: eie.RollupMark = field(default_factory=eie.RollupMark)
 
 
 class BearerAuth:

@@ -18,7 +18,7 @@ import orjson
 import psycopg
 from psycopg import errors as pg_errors
 
-from . import energy
+from . import energy, rollups
 from .alerts import AlertEngine
 from .arrays import Bools, Floats, Stamps, Texts, columns
 from .db import Database
@@ -113,6 +113,8 @@ class Writer:
         self._rewrite_after = min(5.0, offline_after / 2)
         self._staged_writes: dict[str, tuple[str, float]] = {}
         self._alerts = alerts
+        self._rollup_due = False  # set by a transaction that saw hours ready to roll up
+        self._rollup_retry_at = 0.0
 
     async def write(self, items: Sequence[Decoded]) -> WriteResult:
         """Store a batch in one transaction; a message the database refuses is dead-lettered alone.
@@ -170,7 +172,24 @@ class Writer:
         self._written.update(self._staged_writes)
         if self._alerts is not None:
             self._alerts.commit()
+        if self._rollup_due:
+            await self._materialize(conn)
         return result
+
+    async def _materialize(self, conn: psycopg.AsyncConnection) -> None:
+        """Roll up the hours that are due (about once an hour); the batch is committed whatever happens here."""
+        self._rollup_due = False
+        now = time.monotonic()
+        if now < self._rollup_retry_at:
+            return
+        try:
+            done = await rollups.materialize(conn)
+        except Exception as exc:  # reads fall back to raw rows past done_until: slower, still exact
+            self._rollup_retry_at = now + 60.0
+            log.warning("rolling up hours failed, retrying in a minute: %s", exc)
+            return
+        if done is not None:
+            log.info("rolled up the hours before %s", done.isoformat())
 
     def _recently_written(self, device_id: str, status: str, now: float) -> bool:
         last = self._written.get(device_id)
@@ -180,6 +199,8 @@ class Writer:
         self, cur: psycopg.AsyncCursor[Any], items: Sequence[Decoded]
     ) -> tuple[WriteResult, dict[str, energy.Last]]:
         result = WriteResult(received=len(items))
+        done, due = await rollups.begin(cur)
+        self._rollup_due = due > done
         meters: list[MeterReading] = []
         vehicles: list[VehicleReading] = []
         pumps: list[PumpStatus] = []
@@ -228,11 +249,16 @@ class Writer:
             self._staged_writes = {d: (v[2], now) for d, v in fresh.items()}
         new_keys: set[tuple[str, str, datetime]] = set()
         cache: dict[str, energy.Last] = {}
+        late_meters: list[tuple[str, datetime]] = []
+        late_vehicles: list[tuple[str, datetime]] = []
         if meters:
             new_keys |= await self._meters(cur, meters)
-            cache = await self._energy(cur, meters)
+            cache, late_meters = await self._energy(cur, meters, done)
         if vehicles:
             new_keys |= await self._vehicles(cur, vehicles)
+            late_vehicles = [(r.vehicle_id, rollups.hour_of(r.ts)) for r in vehicles if r.ts < done]
+        if late_meters or late_vehicles:  # rows in hours already rolled up: sum those hours again
+            await rollups.recompute(cur, late_vehicles, late_meters)
         if pumps:
             new_keys |= await self._pumps(cur, pumps)
         if obis:
@@ -324,7 +350,11 @@ class Writer:
         )
         return new
 
-    async def _energy(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> dict[str, energy.Last]:
+    async def _energy(
+        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], done: datetime
+    ) -> tuple[dict[str, energy.Last], list[tuple[str, datetime]]]:
+        """Energy pieces of the readings; (the cache of each meter's newest hold, the rolled-up device-hours
+        whose pieces changed)."""
         by_meter: dict[str, dict[datetime, energy.Point]] = defaultdict(dict)
         Point = energy.Point
         for r in rows:
@@ -367,6 +397,7 @@ class Writer:
         own: list[bool] = []
         replace: list[tuple[str, datetime]] = []
         cache: dict[str, energy.Last] = {}
+        late: list[tuple[str, datetime]] = []
         for meter_id, outcome in outcomes.items():
             got = outcome.pieces
             ids += [meter_id] * len(got)
@@ -376,6 +407,8 @@ class Writer:
                 kwhs.append(p.kwh)
                 powers.append(p.power_kw)
                 own.append(p.is_reading)
+                if p.block < done:
+                    late.append((meter_id, rollups.hour_of(p.block)))
             if outcome.replace:
                 replace.extend((meter_id, ts) for ts in outcome.replace)
             if outcome.last is not None:
@@ -384,10 +417,13 @@ class Writer:
                 self._last.pop(meter_id, None)
         if replace:
             await cur.execute(
-                "DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, source_ts) "
-                "WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts",
-                columns(replace, "ts"),
+                "WITH d AS (DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, "
+                "source_ts) WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts RETURNING e.meter_id, e.ts) "
+                "SELECT DISTINCT meter_id, date_trunc('hour', ts, 'UTC') FROM d WHERE ts < %b",
+                (*columns(replace, "ts"), done),
+                binary=True,
             )
+            late += await cur.fetchall()
         await cur.execute(
             """
             INSERT INTO meter_energy (meter_id, ts, source_ts, kwh, power_kw, is_reading)
@@ -398,7 +434,7 @@ class Writer:
             """,
             (Texts(ids), Stamps(blocks), Stamps(sources), Floats(kwhs), Floats(powers), Bools(own)),
         )
-        return cache
+        return cache, late
 
     async def _vehicles(self, cur: psycopg.AsyncCursor[Any], rows: list[VehicleReading]) -> set[Any]:
         cols = columns([(r.vehicle_id, r.ts, r.soc, r.kwh_delivered_dc, r.battery_temp) for r in rows], "tsfff")
