@@ -184,7 +184,7 @@ _PERFORMANCE = """
                   sum(readings) AS record_count FROM dc_parts),
     ac_parts AS (
         SELECT h.kwh FROM meter_vehicle_correlations c JOIN meter_hours h ON h.meter_id = c.meter_id
-        WHERE c.vehicle_id = %(id)s AND h.hour >= %(since)s AND h.hour < %(raw_from)s
+        WHERE c.vehicle_id = %(id)s AND h.hour >= %(since)s AND h.hour < %(raw_from)s AND h.pieces > 0
         UNION ALL
         SELECT e.kwh FROM meter_vehicle_correlations c JOIN meter_energy e ON e.meter_id = c.meter_id
         WHERE c.vehicle_id = %(id)s AND e.ts >= %(raw_from)s

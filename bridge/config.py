@@ -216,6 +216,9 @@ class Settings:
     batch_size: int = 2000
     # concurrent writers, each with its own connection and a share of the devices (1 for PGlite)
     writers: int = 2
+    # how often the Roller (bridge.rollups) looks for hours to roll up, on one more connection; 0: never
+    # (reads stay exact, only slower; PGlite serves one connection)
+    rollup_every: float = 60.0
     flush_interval: float = 0.025
     expected_interval: float = 60.0  # how often devices are expected to report (HES polling view)
     offline_after: float = 300.0
@@ -261,6 +264,7 @@ class Settings:
             receive_maximum=_int(env, "BRIDGE_RECEIVE_MAXIMUM", 10000, 1),
             batch_size=_int(env, "BRIDGE_BATCH_SIZE", 2000, 1),
             writers=min(_int(env, "BRIDGE_WRITERS", 2, 1), 16),
+            rollup_every=_float(env, "BRIDGE_ROLLUP_EVERY_S", 60.0),
             flush_interval=_float(env, "BRIDGE_FLUSH_MS", 25.0) / 1000.0,
             expected_interval=_float(env, "EXPECTED_INTERVAL", 60.0, 1.0),
             offline_after=_float(env, "DEVICE_OFFLINE_AFTER", 300.0, 1.0),

@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from . import alerts, committed
+from . import alerts, committed, rollups
 from .adapters import Adapters, Context
 from .config import Settings
 from .db import Database
@@ -58,6 +58,8 @@ class Bridge:
                 for db, engine in zip(dbs, self._engines, strict=True)
             ]
             db = dbs[0]
+            if s.rollup_every > 0:  # hourly rollups (bridge/rollups.py) on a connection of their own
+                await stack.enter_async_context(rollups.Roller(s.database_url, s.rollup_every))
             ingress = await stack.enter_async_context(MqttIngress(s, self._decoder))
             self._db, self._ingress = db, ingress
             if s.health_port is not None:

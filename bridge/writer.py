@@ -113,8 +113,6 @@ class Writer:
         self._rewrite_after = min(5.0, offline_after / 2)
         self._staged_writes: dict[str, tuple[str, float]] = {}
         self._alerts = alerts
-        self._rollup_due = False  # set by a transaction that saw hours ready to roll up
-        self._rollup_retry_at = 0.0
 
     async def write(self, items: Sequence[Decoded]) -> WriteResult:
         """Store a batch in one transaction; a message the database refuses is dead-lettered alone.
@@ -172,24 +170,7 @@ class Writer:
         self._written.update(self._staged_writes)
         if self._alerts is not None:
             self._alerts.commit()
-        if self._rollup_due:
-            await self._materialize(conn)
         return result
-
-    async def _materialize(self, conn: psycopg.AsyncConnection) -> None:
-        """Roll up the hours that are due (about once an hour); the batch is committed whatever happens here."""
-        self._rollup_due = False
-        now = time.monotonic()
-        if now < self._rollup_retry_at:
-            return
-        try:
-            done = await rollups.materialize(conn)
-        except Exception as exc:  # reads fall back to raw rows past done_until: slower, still exact
-            self._rollup_retry_at = now + 60.0
-            log.warning("rolling up hours failed, retrying in a minute: %s", exc)
-            return
-        if done is not None:
-            log.info("rolled up the hours before %s", done.isoformat())
 
     def _recently_written(self, device_id: str, status: str, now: float) -> bool:
         last = self._written.get(device_id)
@@ -199,8 +180,7 @@ class Writer:
         self, cur: psycopg.AsyncCursor[Any], items: Sequence[Decoded]
     ) -> tuple[WriteResult, dict[str, energy.Last]]:
         result = WriteResult(received=len(items))
-        done, due = await rollups.begin(cur)
-        self._rollup_due = due > done
+        closing = await rollups.begin(cur)  # rows before it go into hours already rolled up
         meters: list[MeterReading] = []
         vehicles: list[VehicleReading] = []
         pumps: list[PumpStatus] = []
@@ -253,10 +233,10 @@ class Writer:
         late_vehicles: list[tuple[str, datetime]] = []
         if meters:
             new_keys |= await self._meters(cur, meters)
-            cache, late_meters = await self._energy(cur, meters, done)
+            cache, late_meters = await self._energy(cur, meters, closing)
         if vehicles:
             new_keys |= await self._vehicles(cur, vehicles)
-            late_vehicles = [(r.vehicle_id, rollups.hour_of(r.ts)) for r in vehicles if r.ts < done]
+            late_vehicles = [(r.vehicle_id, rollups.hour_of(r.ts)) for r in vehicles if r.ts < closing]
         if late_meters or late_vehicles:  # rows in hours already rolled up: sum those hours again
             await rollups.recompute(cur, late_vehicles, late_meters)
         if pumps:
@@ -351,7 +331,7 @@ class Writer:
         return new
 
     async def _energy(
-        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], done: datetime
+        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], closing: datetime
     ) -> tuple[dict[str, energy.Last], list[tuple[str, datetime]]]:
         """Energy pieces of the readings; (the cache of each meter's newest hold, the rolled-up device-hours
         whose pieces changed)."""
@@ -407,7 +387,7 @@ class Writer:
                 kwhs.append(p.kwh)
                 powers.append(p.power_kw)
                 own.append(p.is_reading)
-                if p.block < done:
+                if p.block < closing:
                     late.append((meter_id, rollups.hour_of(p.block)))
             if outcome.replace:
                 replace.extend((meter_id, ts) for ts in outcome.replace)
@@ -420,7 +400,7 @@ class Writer:
                 "WITH d AS (DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, "
                 "source_ts) WHERE e.meter_id = r.meter_id AND e.source_ts = r.source_ts RETURNING e.meter_id, e.ts) "
                 "SELECT DISTINCT meter_id, date_trunc('hour', ts, 'UTC') FROM d WHERE ts < %b",
-                (*columns(replace, "ts"), done),
+                (*columns(replace, "ts"), closing),
                 binary=True,
             )
             late += await cur.fetchall()

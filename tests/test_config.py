@@ -75,6 +75,7 @@ def test_our_names_win_over_old_ones() -> None:
         ({"BRIDGE_PARTITION": "2/2"}, "BRIDGE_PARTITION"),
         ({"BRIDGE_PARTITION": "0/2", "BRIDGE_SHARED_GROUP": "g"}, "BRIDGE_PARTITION"),
         ({"API_ACCESS_LOG": "maybe"}, "API_ACCESS_LOG"),
+        ({"BRIDGE_ROLLUP_EVERY_S": "-1"}, "BRIDGE_ROLLUP_EVERY_S"),
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -108,6 +109,7 @@ def test_example_env_documents_every_variable() -> None:
         "BRIDGE_RECEIVE_MAXIMUM",
         "BRIDGE_HEALTH",
         "BRIDGE_WRITERS",
+        "BRIDGE_ROLLUP_EVERY_S",
         "BRIDGE_PARTITION",
         "API_ACCESS_LOG",
         "MQTT_PROTOCOL",

@@ -96,9 +96,10 @@ async def test_late_and_rewritten_rows_keep_rollups_exact(levels: dict[str, str]
 
 
 async def test_materialize_rolls_up_the_hours_that_are_due(pg_admin_url: str) -> None:
-    """materialize() sums every device's hours from done_until to 10 minutes ago, once; then nothing is due."""
+    """materialize() closes and sums every device's hours up to 10 minutes ago, keeping what writers
+    recomputed meanwhile; then nothing is due."""
     url = create_database(pg_admin_url)
-    vehicle, meter = unique("roll-v"), unique("roll-m")
+    vehicle, meter, late = unique("roll-v"), unique("roll-m"), unique("roll-late")
     now = datetime.now(UTC)
     recent = [now - timedelta(minutes=m) for m in (170, 130, 95, 65, 30)]
     await write(url, messages([power(meter, ts, 7.0) for ts in recent] + [dc(vehicle, ts, 1.0) for ts in recent]))
@@ -106,24 +107,33 @@ async def test_materialize_rolls_up_the_hours_that_are_due(pg_admin_url: str) ->
     query(url, "UPDATE rollup_state SET done_until = done_until - interval '3 hours' RETURNING 1")
     query(url, "DELETE FROM vehicle_hours RETURNING 1")
     query(url, "DELETE FROM meter_hours RETURNING 1")
+    # closed but not summed yet: a writer sums the hour it writes into itself
+    await write(url, messages([dc(late, now - timedelta(minutes=150), 3.0)]))
+    assert query(url, "SELECT readings FROM vehicle_hours WHERE vehicle_id = %s", (late,)) == [(1,)]
+    query(url, "UPDATE rollup_state SET closing = done_until RETURNING 1")
     expected = rollups.hour_of(now - timedelta(minutes=10))
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         assert await rollups.materialize(conn) == expected
         assert await rollups.materialize(conn) is None
-    assert done_until(url) == expected
+    assert query(url, "SELECT closing, done_until FROM rollup_state") == [(expected, expected)]
     assert_rolled_up(url, vehicle, meter)
+    assert_rolled_up(url, vehicle=late)
 
 
-async def test_writer_rolls_up_when_hours_are_due(pg_admin_url: str) -> None:
-    """A batch that finds hours due leaves done_until advanced, whatever it wrote."""
+async def test_the_bridges_roller_rolls_up_in_the_background(pg_admin_url: str) -> None:
+    """Roller (the bridge's background task) runs materialize() on its own connection."""
     url = create_database(pg_admin_url)
     vehicle = unique("roll-v")
-    stamp = datetime.now(UTC) - timedelta(minutes=100)
-    await write(url, messages([dc(vehicle, stamp, 2.0)]))
+    await write(url, messages([dc(vehicle, datetime.now(UTC) - timedelta(minutes=100), 2.0)]))
     query(url, "UPDATE rollup_state SET done_until = done_until - interval '2 hours' RETURNING 1")
     query(url, "DELETE FROM vehicle_hours RETURNING 1")
-    await write(url, messages([dc(unique("roll-other"), datetime.now(UTC), 1.0)]))
-    assert done_until(url) == rollups.hour_of(datetime.now(UTC) - timedelta(minutes=10))
+    expected = rollups.hour_of(datetime.now(UTC) - timedelta(minutes=10))
+    async with rollups.Roller(url, every=0.05) as roller:
+        for _ in range(200):
+            if roller.done_until is not None:
+                break
+            await asyncio.sleep(0.05)
+    assert roller.done_until == expected == done_until(url)
     assert_rolled_up(url, vehicle=vehicle)
 
 

@@ -363,7 +363,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
-    level = bind.execute(text("SELECT level FROM schema_info")).scalar_one()
+    level: str = bind.execute(text("SELECT level FROM schema_info")).scalar_one()
     for name in VIEWS:
         op.execute(f"DROP VIEW IF EXISTS {name}")
     for name in AGGREGATES:

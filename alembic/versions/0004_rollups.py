@@ -49,11 +49,12 @@ def upgrade() -> None:
         """
         CREATE TABLE rollup_state (
             id smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+            closing timestamptz NOT NULL,
             done_until timestamptz NOT NULL
         )
         """
     )
-    op.execute("INSERT INTO rollup_state (done_until) VALUES ('-infinity')")
+    op.execute("INSERT INTO rollup_state (closing, done_until) VALUES ('-infinity', '-infinity')")
     for sql in REBUILD:
         op.execute(sql)
 
