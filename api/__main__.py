@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from bridge.errors import TelemetryError
+from bridge.runtime import tune_gc
 
 from .app import create_app
 from .config import ApiSettings
@@ -20,6 +21,7 @@ def main() -> int:
     except TelemetryError as exc:
         print(f"api: {exc}", file=sys.stderr)
         return 2
+    tune_gc()
     # uvloop and httptools (dependencies) are picked up by uvicorn's "auto" loop and HTTP parser
     uvicorn.run(
         create_app(settings),

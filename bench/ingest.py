@@ -70,8 +70,10 @@ class IngestResult:
     extra: int = 0
     redelivered: int | None = None
     latency: dict[str, float] = field(default_factory=dict)  # note arrival - publish (upper bound)
+    latency_steady: dict[str, float] = field(default_factory=dict)  # the same, after the listener's warm-up
+    warmup_s: float = 0.0
     latency_db: dict[str, float] = field(default_factory=dict)  # transaction start - publish (lower bound)
-    per_second: dict[str, float] = field(default_factory=dict)
+    per_second: dict[str, Any] = field(default_factory=dict)
     rss_mb: dict[str, float] = field(default_factory=dict)
     broker_rss_mb: dict[str, float] = field(default_factory=dict)
     rss_trace: list[tuple[float, float]] = field(default_factory=list)
@@ -352,6 +354,8 @@ def run(
         if consumer == "ours":
             summary = json.loads((work / "latency.json").read_text())
             result.latency = summary["latency"]
+            result.latency_steady = summary["latency_steady"]
+            result.warmup_s = summary["warmup_s"]
             result.redelivered = summary["repeats"]
         if profile_seconds and result.profile is not None:
             result.profile["statements"] = profile.top_statements(db_url)
@@ -511,15 +515,18 @@ def _verify(result: IngestResult, db_url: str, prefix: str, reports: list[dict[s
     # rows per second of commit (by transaction start), whole seconds strictly inside the run
     per_sec = _query(
         db_url,
-        "SELECT date_trunc('second', received_at) s, count(*) FROM meter_readings WHERE meter_id LIKE %s "
+        "SELECT date_trunc('second', received_at) s, count(*), "
+        "round(max(extract(epoch FROM received_at - ts)) * 1000) FROM meter_readings WHERE meter_id LIKE %s "
         "GROUP BY 1 ORDER BY 1",
         (prefix + "-%",),
     )
-    inner = sorted(n for _, n in per_sec[1:-1])
+    inner = sorted(n for _, n, _ in per_sec[1:-1])
     if inner:
         result.per_second = {
             "seconds": len(inner),
             "min": inner[0],
             "median": inner[len(inner) // 2],
             "max": inner[-1],
+            # where the slow moments are: [second since the first, rows, max latency (txn start) ms]
+            "series": [[int((s - per_sec[0][0]).total_seconds()), n, int(d)] for s, n, d in per_sec],
         }

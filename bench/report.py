@@ -122,32 +122,32 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, str]]:
                     "**met**" if ratio > 1.05 else f"**missed**: {ratio:.2f}x of one",
                 )
             )
-    lat = runs.get("latency")
-    if lat and lat["latency"].get("n"):
-        p50, p99 = lat["latency"]["p50_ms"], lat["latency"]["p99_ms"]
-        rows.append(
-            (
-                "latency at 5,000 msg/s: p50 ≤ 50 ms",
-                f"p50 {_f(p50)} ms (committed {_f(lat['rate'])} msg/s of {_f(lat['publish_rate'])} offered)",
-                _miss(p50, TARGET_P50_MS, higher_is_better=False),
-            )
-        )
-        rows.append(("latency at 5,000 msg/s: p99 ≤ 250 ms", f"p99 {_f(p99)} ms", _miss(p99, TARGET_P99_MS, False)))
-    two = runs.get("latency2")
-    if two and two["latency"].get("n"):
-        p50, p99 = two["latency"]["p50_ms"], two["latency"]["p99_ms"]
-        rows.append(
-            (
-                "latency at 5,000 msg/s, 2 bridges partitioned by device: p50 ≤ 50 ms",
-                f"p50 {_f(p50)} ms (committed {_f(two['rate'])} msg/s of {_f(two['publish_rate'])} offered)",
-                _miss(p50, TARGET_P50_MS, higher_is_better=False),
-            )
+    for mode, label in (("latency", ""), ("latency2", ", 2 bridges partitioned by device")):
+        run = runs.get(mode)
+        if not run or not run["latency"].get("n"):
+            continue
+        steady = run.get("latency_steady") or {}
+        use = steady if steady.get("n") else run["latency"]
+        whole = run["latency"]
+        how = (
+            f"after the {_f(run.get('warmup_s'))} s warm-up (whole run, every meter's first message included: "
+            f"p50 {_f(whole['p50_ms'])}, p99 {_f(whole['p99_ms'])} ms)"
+            if use is steady
+            else "whole run"
         )
         rows.append(
             (
-                "latency at 5,000 msg/s, 2 bridges partitioned by device: p99 ≤ 250 ms",
-                f"p99 {_f(p99)} ms",
-                _miss(p99, TARGET_P99_MS, False),
+                f"latency at 5,000 msg/s{label}: p50 ≤ 50 ms",
+                f"p50 {_f(use['p50_ms'])} ms (committed {_f(run['rate'])} msg/s of {_f(run['publish_rate'])} offered; "
+                f"{how})",
+                _miss(use["p50_ms"], TARGET_P50_MS, higher_is_better=False),
+            )
+        )
+        rows.append(
+            (
+                f"latency at 5,000 msg/s{label}: p99 ≤ 250 ms",
+                f"p99 {_f(use['p99_ms'])} ms",
+                _miss(use["p99_ms"], TARGET_P99_MS, False),
             )
         )
     low = runs.get("latency1k")
@@ -344,7 +344,8 @@ def _ingest_table(out: dict[str, Any]) -> list[str]:
     lines = [
         "## Ingest runs",
         "",
-        "Latency columns are p50 / p99 / max in ms. *note*: arrival of the bridge's `telemetry/committed` note "
+        "Latency columns are p50 / p99 / max in ms over the whole run (the targets above leave out the warm-up). "
+        "*note*: arrival of the bridge's `telemetry/committed` note "
         "(sent right after COMMIT) - the publish time in the payload: an upper bound of publish → committed. "
         "*txn start*: the row's `received_at` (now() = start of the writing transaction) - publish time: a lower "
         "bound. *lost*: published and acknowledged by the broker but not stored; *doubled*: rows stored twice "

@@ -10,6 +10,7 @@ import sys
 
 from .config import Settings
 from .errors import TelemetryError
+from .runtime import tune_gc
 from .service import Bridge
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
+        tune_gc()
         asyncio.run(_run(settings))
     except TelemetryError as exc:
         print(f"bridge: {exc}", file=sys.stderr)

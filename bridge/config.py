@@ -219,7 +219,7 @@ class Settings:
     # how often the Roller (bridge.rollups) looks for hours to roll up, on one more connection; 0: never
     # (reads stay exact, only slower; PGlite serves one connection)
     rollup_every: float = 60.0
-    flush_interval: float = 0.025
+    flush_interval: float = 0.005
     expected_interval: float = 60.0  # how often devices are expected to report (HES polling view)
     offline_after: float = 300.0
     max_future_skew: float = 600.0
@@ -265,7 +265,7 @@ class Settings:
             batch_size=_int(env, "BRIDGE_BATCH_SIZE", 2000, 1),
             writers=min(_int(env, "BRIDGE_WRITERS", 2, 1), 16),
             rollup_every=_float(env, "BRIDGE_ROLLUP_EVERY_S", 60.0),
-            flush_interval=_float(env, "BRIDGE_FLUSH_MS", 25.0) / 1000.0,
+            flush_interval=_float(env, "BRIDGE_FLUSH_MS", 5.0) / 1000.0,
             expected_interval=_float(env, "EXPECTED_INTERVAL", 60.0, 1.0),
             offline_after=_float(env, "DEVICE_OFFLINE_AFTER", 300.0, 1.0),
             max_future_skew=_float(env, "MAX_FUTURE_SKEW", 600.0),
