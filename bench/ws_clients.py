@@ -33,6 +33,7 @@ class Tally:
         self.updates = 0
         self.other: dict[str, int] = {}
         self.closed = 0
+        self.worst: dict[int, float] = {}  # per second of arrival: the slowest update (where a stall was)
 
 
 async def client(url: str, device: str, tally: Tally, ready: asyncio.Event, stop: asyncio.Event) -> None:
@@ -49,7 +50,10 @@ async def client(url: str, device: str, tally: Tally, ready: asyncio.Event, stop
                     stamp = msg.get("timestamp") or (msg.get("data") or {}).get("timestamp")
                     tally.updates += 1
                     if isinstance(stamp, str):
-                        tally.latencies.append(now - datetime.fromisoformat(stamp).timestamp())
+                        took = now - datetime.fromisoformat(stamp).timestamp()
+                        tally.latencies.append(took)
+                        second = int(now)
+                        tally.worst[second] = max(took, tally.worst.get(second, 0.0))
                 else:
                     tally.other[str(kind)] = tally.other.get(str(kind), 0) + 1
                 if stop.is_set():
@@ -89,6 +93,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "closed": tally.closed,
         "other": tally.other,
         "latency": percentiles(tally.latencies),
+        "worst_per_second_ms": [[s, round(v * 1000)] for s, v in sorted(tally.worst.items())],
     }
 
 

@@ -36,6 +36,7 @@ class WsResult:
     connect_seconds: float = 0.0
     latency: dict[str, float] = field(default_factory=dict)
     other: dict[str, int] = field(default_factory=dict)
+    worst_per_second_ms: list[list[int]] = field(default_factory=list)  # [unix second, slowest update ms]
     api_rss_mb: float = 0.0
     api_cpu_pct: float = 0.0
     error: str | None = None
@@ -107,6 +108,7 @@ def run(svc: Services, clients: int = 1000, seconds: float = 30.0) -> WsResult:
         result.connect_seconds = summary["connect_seconds"]
         result.latency = summary["latency"]
         result.other = summary["other"]
+        result.worst_per_second_ms = summary["worst_per_second_ms"]
     except Exception as exc:  # report, do not abort the other modes
         result.status = "error"
         result.error = f"{type(exc).__name__}: {exc}"
