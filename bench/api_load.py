@@ -112,7 +112,6 @@ def load(db_url: str, readings: int) -> Loaded:
         for sql in rollups.REBUILD:
             conn.execute(sql)
         conn.commit()
-        conn.commit()
         # the measured load must not share the machine with the aftermath of a 15 M-row COPY: autovacuum
         # would scan every freshly inserted row, and the checkpoint write every dirty page, during wrk
         conn.autocommit = True

@@ -30,7 +30,7 @@ import psutil
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.config import MqttUrl
+from bridge.config import MqttUrl, session_id
 
 from . import profile
 from .services import ROOT, Services, create_database, drop_database, free_port
@@ -348,10 +348,10 @@ def run(
             sampler.halt.set()
             sampler.join(5)
         for i, cid in enumerate(client_ids):
-            # a partitioned bridge's session is its client id + "-{i}of{n}" (bridge/config.py): one left
-            # behind queued every later run's messages, and Mosquitto's autosave of them (2.5 s every 10 s,
-            # the whole broker stopped) showed up as 1-1.4 s stalls in the WebSocket run's p99
-            discard_session(svc.mqtt_url, f"{cid}-{i}of{bridges}" if partitioned else cid)
+            # a partitioned bridge's session has an id of its own: one left behind queued every later run's
+            # messages, and Mosquitto's autosave of them (2.5 s every 10 s, the whole broker stopped) showed
+            # up as 1-1.4 s stalls in the WebSocket run's p99
+            discard_session(svc.mqtt_url, session_id(cid, (i, bridges) if partitioned else None))
     try:
         _verify(result, db_url, prefix, reports)
         if consumer == "ours":

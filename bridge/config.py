@@ -192,6 +192,12 @@ def _partition(env: Mapping[str, str]) -> tuple[int, int] | None:
     return (int(index), int(count)) if int(count) > 1 else None
 
 
+def session_id(client_id: str, partition: tuple[int, int] | None) -> str:
+    """The MQTT client id a bridge connects with: each partition keeps a session of its own (the broker
+    queues each one's messages)."""
+    return client_id + (f"-{partition[0]}of{partition[1]}" if partition else "")
+
+
 def _default_client_id(env: Mapping[str, str]) -> str:
     # replicas on a shared subscription each need their own session: name it after the host
     if env.get("BRIDGE_SHARED_GROUP"):
@@ -255,9 +261,7 @@ class Settings:
             mqtt=MqttUrl.parse(env.get("MQTT_URL") or DEFAULT_MQTT_URL).with_tls_files(env),
             site_timezone=tz,
             peak_window=PeakWindow.parse(env.get("PEAK_WINDOW") or "14:00-22:00"),
-            # each partition keeps a session of its own (the broker queues each one's messages)
-            client_id=(env.get("BRIDGE_CLIENT_ID") or _default_client_id(env))
-            + (f"-{partition[0]}of{partition[1]}" if partition else ""),
+            client_id=session_id(env.get("BRIDGE_CLIENT_ID") or _default_client_id(env), partition),
             shared_group=env.get("BRIDGE_SHARED_GROUP") or None,
             partition=partition,
             mqtt_protocol=protocol,

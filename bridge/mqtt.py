@@ -446,7 +446,7 @@ class MqttIngress:
                     return []
         # from the oldest message's arrival, not from now: what came in while the last batch was being
         # written has waited already (lingering again cost every message ~flush_interval at 5k msg/s)
-        waited = (datetime.now(UTC) - self._buffer[0].received_at).total_seconds() if self._buffer else 0.0
+        waited = (datetime.now(UTC) - self._buffer[0].received_at).total_seconds()
         deadline = time.monotonic() + interval - max(0.0, waited)
         while len(self._buffer) < size and not self._holding:
             remaining = deadline - time.monotonic()

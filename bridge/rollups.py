@@ -44,22 +44,27 @@ log = logging.getLogger(__name__)
 LOCK = 0x726F6C6C  # any constant the application uses for nothing else ('roll')
 KEEP = timedelta(days=2)
 
-_STATE = "SELECT closing, done_until, date_trunc('hour', now() - interval '10 minutes', 'UTC') FROM rollup_state"
-_CLOSE = (
-    "UPDATE rollup_state SET closing = greatest(closing, date_trunc('hour', now() - interval '10 minutes', 'UTC')) "
-    "RETURNING closing"
-)
+# the last hour that may close now (a power reading's provisional hold reaches 5 minutes past its block);
+# the statements below are put together from these module constants only
+_DUE = "date_trunc('hour', now() - interval '10 minutes', 'UTC')"
+_STATE = f"SELECT closing, done_until, {_DUE} FROM rollup_state"  # noqa: S608
+_CLOSE = f"UPDATE rollup_state SET closing = greatest(closing, {_DUE}) RETURNING closing"  # noqa: S608
 
+# one row per device and hour: the insert's head and the select list of its sums
+_VEHICLE_SUMS = (
+    "INSERT INTO vehicle_hours (vehicle_id, hour, kwh_dc, temp_sum, temp_count, readings) "
+    "SELECT vehicle_id, date_trunc('hour', ts, 'UTC'), sum(kwh_delivered_dc), sum(battery_temp), "
+    "count(battery_temp), count(*) FROM vehicle_readings"
+)
+_METER_SUMS = (
+    "INSERT INTO meter_hours (meter_id, hour, kwh, pieces) "
+    "SELECT meter_id, date_trunc('hour', ts, 'UTC'), sum(kwh), count(*) FROM meter_energy"
+)
 
 # every device's sums of [lo, hi), both on the hour, beside what writers recomputed meanwhile
 _FILL = (
-    "INSERT INTO vehicle_hours (vehicle_id, hour, kwh_dc, temp_sum, temp_count, readings) "
-    "SELECT vehicle_id, date_trunc('hour', ts, 'UTC'), sum(kwh_delivered_dc), sum(battery_temp), "
-    "count(battery_temp), count(*) "
-    "FROM vehicle_readings WHERE ts >= %(lo)s AND ts < %(hi)s GROUP BY 1, 2 ON CONFLICT DO NOTHING",
-    "INSERT INTO meter_hours (meter_id, hour, kwh, pieces) "
-    "SELECT meter_id, date_trunc('hour', ts, 'UTC'), sum(kwh), count(*) "
-    "FROM meter_energy WHERE ts >= %(lo)s AND ts < %(hi)s GROUP BY 1, 2 ON CONFLICT DO NOTHING",
+    f"{_VEHICLE_SUMS} WHERE ts >= %(lo)s AND ts < %(hi)s GROUP BY 1, 2 ON CONFLICT DO NOTHING",
+    f"{_METER_SUMS} WHERE ts >= %(lo)s AND ts < %(hi)s GROUP BY 1, 2 ON CONFLICT DO NOTHING",
     "DELETE FROM vehicle_hours WHERE hour < %(hi)s::timestamptz - interval '2 days'",
     "DELETE FROM meter_hours WHERE hour < %(hi)s::timestamptz - interval '2 days'",
     "UPDATE rollup_state SET done_until = %(hi)s",
@@ -68,18 +73,12 @@ _FILL = (
 # everything again from the raw tables, blocking writers meanwhile: for the migration, and after rows
 # were loaded around the bridge (bench/api_load.py COPYs its readings); one transaction, no parameters
 REBUILD = (
-    "SELECT pg_advisory_xact_lock(1919904876)",  # LOCK
-    "UPDATE rollup_state SET done_until = date_trunc('hour', now() - interval '10 minutes', 'UTC'), "
-    "closing = date_trunc('hour', now() - interval '10 minutes', 'UTC')",
+    f"SELECT pg_advisory_xact_lock({LOCK})",
+    f"UPDATE rollup_state SET done_until = {_DUE}, closing = {_DUE}",  # noqa: S608
     "DELETE FROM vehicle_hours",
     "DELETE FROM meter_hours",
-    "INSERT INTO vehicle_hours (vehicle_id, hour, kwh_dc, temp_sum, temp_count, readings) "
-    "SELECT vehicle_id, date_trunc('hour', ts, 'UTC'), sum(kwh_delivered_dc), sum(battery_temp), "
-    "count(battery_temp), count(*) FROM vehicle_readings, rollup_state s "
-    "WHERE ts >= s.done_until - interval '2 days' AND ts < s.done_until GROUP BY 1, 2",
-    "INSERT INTO meter_hours (meter_id, hour, kwh, pieces) "
-    "SELECT meter_id, date_trunc('hour', ts, 'UTC'), sum(kwh), count(*) FROM meter_energy, rollup_state s "
-    "WHERE ts >= s.done_until - interval '2 days' AND ts < s.done_until GROUP BY 1, 2",
+    f"{_VEHICLE_SUMS}, rollup_state s WHERE ts >= s.done_until - interval '2 days' AND ts < s.done_until GROUP BY 1, 2",
+    f"{_METER_SUMS}, rollup_state s WHERE ts >= s.done_until - interval '2 days' AND ts < s.done_until GROUP BY 1, 2",
 )
 
 _KEY_LOCKS = (
@@ -137,6 +136,7 @@ async def materialize(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
     cur = await conn.execute(_STATE)
     row = await cur.fetchone()
     assert row is not None, "rollup_state has its one row from migration 0004"
+    closing: datetime
     closing, done, due = row
     if due > closing:
         async with conn.transaction():
@@ -157,8 +157,7 @@ async def materialize(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
         params = {"lo": max(row[0], closing - KEEP), "hi": closing}
         for sql in _FILL:
             await conn.execute(sql, params)
-        hi: datetime = closing
-        return hi
+        return closing
 
 
 class Roller:
