@@ -6,10 +6,16 @@ Continuous aggregates cannot look at neighbouring rows, so the bridge turns ever
 - register: the difference to the previous register reading, spread over (previous, this] by time;
   a register that went down was reset, and counts from zero;
 - interval: `kwhConsumedAc` spread over (previous, this] the same way;
-- power: the reading's kW held until the next reading, for at most 5 minutes. Until the next reading
-  arrives, the hold is provisionally the full 5 minutes; the next reading shortens it (and rewrites the
-  pieces only when the hold changed). A power reading within 5 minutes of its block's end always has a
-  piece in the next block too (possibly 0 kWh), so that the shortening is an upsert of the same keys.
+- power: the reading's kW held until the next reading, for at most 5 minutes.
+
+A power reading's hold depends on a reading that has not arrived yet, so its pieces hold the full 5
+minutes *provisionally*, and the next reading's pieces carry the *correction*: the final hold minus the
+provisional one, per block (usually negative, in the predecessor's block). Block sums are the same as
+if the predecessor's pieces had been rewritten, but nothing stored is ever updated: in order, each
+reading is one or two inserted rows (an update in place cost a hypertable more than the insert did, and
+rewrites compressed chunks). A reading's pieces therefore depend on its predecessor (and on the one
+before that, which decides whether the predecessor's kW was held); late data rewrites the pieces of the
+readings after it.
 
 Pieces are keyed (meter, source reading time, block start); rewriting them is idempotent.
 """
@@ -86,7 +92,10 @@ def hold_of(cur: Point, nxt: Point | None) -> timedelta:
 
 
 def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | None = None) -> list[Piece]:
-    """The pieces of `cur`, given its neighbours (`nxt` None: the newest reading, hold provisional)."""
+    """The energy of `cur` by blocks, given its neighbours (`nxt` None: the newest reading, hold provisional).
+
+    These are a reading's own figures; what is stored for it is `stored_pieces` (provisional, plus the
+    predecessor's correction)."""
     m = method or method_of(prev, cur)
     own = block_start(cur.ts)
     if m == "power":
@@ -133,6 +142,39 @@ def pieces(prev: Point | None, cur: Point, nxt: Point | None, method: Method | N
     ]
 
 
+def correction(prev: Point, prev_method: Method, cur: Point) -> list[tuple[datetime, float]]:
+    """kWh per block that `prev`'s provisional pieces are off by, now that `cur` follows it."""
+    if prev_method != "power":
+        return []  # only a held power reading's pieces depend on its successor
+    final, provisional = hold_of(prev, cur), hold_of(prev, None)
+    if final == provisional:
+        return []
+    kw = prev.power_kw
+    assert kw is not None
+    following = block_start(prev.ts) + BLOCK
+    if prev.ts + MAX_HOLD <= following:  # the usual case, kept cheap: both holds stay in its own block
+        return [(following - BLOCK, kw * (final - provisional).total_seconds() / 3600.0)]
+    # every version of a reading's power pieces has the same blocks, whatever its hold
+    held = pieces(None, prev, None, "power")
+    return [(a.block, a.kwh - b.kwh) for a, b in zip(pieces(None, prev, cur, "power"), held, strict=True)]
+
+
+def stored_pieces(prev: Point | None, prev_method: Method | None, cur: Point, method: Method) -> list[Piece]:
+    """What is stored for `cur`: its provisional pieces plus the correction of its predecessor's."""
+    own = pieces(prev, cur, None, method)
+    if prev is None or prev_method is None:
+        return own
+    for blk, kwh in correction(prev, prev_method, cur):
+        for i, p in enumerate(own):
+            if p.block == blk:
+                own[i] = p._replace(kwh=p.kwh + kwh)
+                break
+        else:
+            if kwh:
+                own.append(Piece(cur.ts, blk, kwh, None, False))
+    return own
+
+
 class Last(NamedTuple):  # a tuple: built thousands of times per batch
     """The newest stored reading of a meter and how its energy was counted."""
 
@@ -148,44 +190,39 @@ class Outcome:
 
 
 def extend(last: Last, new: Sequence[Point]) -> Outcome:
-    """In-order readings after the cached newest one: no database look-up needed."""
+    """In-order readings after the cached newest one: no database look-up, nothing stored is rewritten."""
     out: list[Piece] = []
-    if last.method == "power" and hold_of(last.point, new[0]) != hold_of(last.point, None):
-        # the provisional hold of the newest stored reading changes now that its successor is here
-        out.extend(pieces(None, last.point, new[0], "power"))
-    prev = last.point
-    method: Method = "none"
-    for i, cur in enumerate(new):
-        nxt = new[i + 1] if i + 1 < len(new) else None
+    prev, prev_method = last.point, last.method
+    for cur in new:
         method = method_of(prev, cur)
-        out.extend(pieces(prev, cur, nxt, method))
-        prev = cur
-    return Outcome(out, [], Last(new[-1], method))
+        out.extend(stored_pieces(prev, prev_method, cur, method))
+        prev, prev_method = cur, method
+    return Outcome(out, [], Last(prev, prev_method))
 
 
-def merge(before: Sequence[Point], stored: Iterable[Point], new: Iterable[Point], after: Point | None) -> Outcome:
+def merge(
+    before: Sequence[Point], stored: Iterable[Point], new: Iterable[Point], after: Sequence[Point] = ()
+) -> Outcome:
     """Readings whose neighbours come from the database (first sight of a meter, late or repeated data).
 
-    `before`: up to two stored readings preceding the batch, oldest first; `stored`: stored readings within
-    the batch's time range; `after`: the first stored reading past it.
+    `before`: up to two stored readings preceding the batch, oldest first (the newest is the first new
+    reading's predecessor, the other decides how that one was counted); `stored`: stored readings within
+    the batch's time range; `after`: up to two stored readings past it, oldest first. The batch's
+    readings and those after it get their pieces (again); the ones before keep theirs.
     """
     by_ts = {p.ts: p for p in new}
     by_ts.update({p.ts: p for p in stored})  # what is stored wins: a repeat is stored once
-    middle = [by_ts[t] for t in sorted(by_ts)]
-    seq = [*before, *middle] + ([after] if after else [])
-    first = 1 if len(before) == 2 else 0  # the oldest context reading only serves its successor
+    seq = [*before, *(by_ts[t] for t in sorted(by_ts)), *after]
     out: list[Piece] = []
     replace: list[datetime] = []
-    last: Last | None = None
-    for i in range(first, len(seq)):
-        prev = seq[i - 1] if i > 0 else None
-        cur = seq[i]
-        nxt = seq[i + 1] if i + 1 < len(seq) else None
+    methods: list[Method] = []
+    for i, cur in enumerate(seq):
+        prev = seq[i - 1] if i else None
         method = method_of(prev, cur)
-        if after is not None and cur is after and method not in ("register", "interval"):
-            continue  # its pieces depend only on its own successor, unchanged here
-        out.extend(pieces(prev, cur, nxt, method))
+        methods.append(method)
+        if i < len(before):
+            continue
+        out.extend(stored_pieces(prev, methods[i - 1] if i else None, cur, method))
         replace.append(cur.ts)
-        if nxt is None:
-            last = Last(cur, method)
+    last = None if after else Last(seq[-1], methods[-1])
     return Outcome(out, replace, last)

@@ -75,7 +75,7 @@ SELECT 'm', x.* FROM req CROSS JOIN LATERAL (
 UNION ALL
 SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
     SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
-    WHERE m.meter_id = req.meter_id AND m.ts > req.hi ORDER BY m.ts LIMIT 1) x
+    WHERE m.meter_id = req.meter_id AND m.ts > req.hi ORDER BY m.ts LIMIT 2) x
 """
 
 
@@ -365,7 +365,7 @@ class Writer:
             for meter_id, new in lookup.items():
                 ctx = found[meter_id]
                 before = sorted(ctx["b"], key=lambda p: p.ts)
-                after = ctx["a"][0] if ctx["a"] else None
+                after = sorted(ctx["a"], key=lambda p: p.ts)
                 outcomes[meter_id] = energy.merge(before, ctx["m"], new, after)
         # the columns of the pieces, built directly: a meter's pieces have distinct (source, block) keys
         # by construction (one reading per source time, one piece per block), so no row repeats

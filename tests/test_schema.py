@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import psycopg
 import pytest
 
+from bridge.energy import Point, merge, pieces
 from bridge.schema import AGGREGATES, HYPERTABLES, VIEWS
 
 from .conftest import create_database, migrate, query
@@ -114,3 +117,39 @@ def test_site_settings_come_from_the_environment(pg_admin_url: str) -> None:
         ).fetchone() else None
     with pytest.raises(AssertionError, match="PEAK_WINDOW"):
         migrate(url.rsplit("/", 1)[0] + "/t_badsettings", "upgrade", "head", env={"PEAK_WINDOW": "2pm-10pm"})
+
+
+def test_energy_pieces_migrate_to_corrections_and_back(pg_admin_url: str) -> None:
+    """Migration 0005 re-derives stored pieces in the corrected form (same block sums); its downgrade, the old form."""
+    url = create_database(pg_admin_url, {"SCHEMA_LEVEL": "apache"})
+    migrate(url, "downgrade", "0004", env={"SCHEMA_LEVEL": "apache"})
+    t0 = datetime(2026, 11, 20, 13, 0, tzinfo=UTC)
+    points = [Point(t0 + timedelta(minutes=m), 6.0 * (m % 4), None, None) for m in range(0, 40, 3)]
+    old = [  # what the bridge stored before 0005: each reading's pieces rewritten once its successor came
+        p
+        for i, cur in enumerate(points)
+        for p in pieces(points[i - 1] if i else None, cur, points[i + 1] if i + 1 < len(points) else None)
+    ]
+    with psycopg.connect(url) as conn:
+        for p in points:
+            conn.execute(
+                "INSERT INTO meter_readings (meter_id, ts, power_kw) VALUES ('mig-1', %s, %s)", (p.ts, p.power_kw)
+            )
+        for p in old:
+            conn.execute(
+                "INSERT INTO meter_energy (meter_id, ts, source_ts, kwh, power_kw, is_reading) "
+                "VALUES ('mig-1', %s, %s, %s, %s, %s)",
+                (p.block, p.source_ts, p.kwh, p.power_kw, p.is_reading),
+            )
+    rows = "SELECT source_ts, ts, round(kwh::numeric, 9)::float8 FROM meter_energy ORDER BY 1, 2"
+    sums = "SELECT ts, round(sum(kwh)::numeric, 9)::float8 FROM meter_energy GROUP BY 1 ORDER BY 1"
+    before, before_sums = query(url, rows), query(url, sums)
+
+    migrate(url, "upgrade", "head", env={"SCHEMA_LEVEL": "apache"})
+    new = merge([], [], points).pieces
+    assert query(url, rows) == sorted((p.source_ts, p.block, round(p.kwh, 9)) for p in new)
+    assert query(url, rows) != before
+    assert query(url, sums) == before_sums
+
+    migrate(url, "downgrade", "0004", env={"SCHEMA_LEVEL": "apache"})
+    assert query(url, rows) == before
