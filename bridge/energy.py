@@ -176,17 +176,33 @@ _HELD_S = MAX_HOLD.total_seconds()
 def stored_pieces(prev: Point | None, prev_method: Method | None, cur: Point, method: Method) -> list[Piece]:
     """What is stored for `cur`: its provisional pieces plus the correction of its predecessor's."""
     if method == "power" and prev_method == "power" and prev is not None and prev.register is None is cur.register:
-        # the usual case of a power meter, kept cheap (same figures as below): both readings and both
-        # holds inside one block, so one piece, the predecessor's hold cut to the gap
+        # a power meter's readings in one block, kept cheap: the figures `_stored_pieces` computes, in
+        # the same order (bit for bit), without building each version of the predecessor's pieces
         own_block = block_start(cur.ts)
-        if prev.ts >= own_block and cur.ts + MAX_HOLD <= own_block + BLOCK:
+        if prev.ts >= own_block:
             kw, prev_kw = cur.power_kw, prev.power_kw
             assert kw is not None and prev_kw is not None
-            kwh = kw * _HELD_S / 3600.0
-            final = cur.ts - prev.ts
-            if final < MAX_HOLD:
-                kwh += prev_kw * (final - MAX_HOLD).total_seconds() / 3600.0
-            return [Piece(cur.ts, own_block, kwh, kw, True)]
+            following = own_block + BLOCK
+            gap = cur.ts - prev.ts  # the predecessor's final hold, if under 5 minutes
+            end = cur.ts + MAX_HOLD
+            if end <= following:  # both holds inside the block: one piece
+                kwh = kw * _HELD_S / 3600.0
+                if gap < MAX_HOLD:
+                    kwh += prev_kw * (gap - MAX_HOLD).total_seconds() / 3600.0
+                return [Piece(cur.ts, own_block, kwh, kw, True)]
+            # the provisional hold reaches into the next block (the last 5 minutes of a block)
+            kwh = kw * (following - cur.ts).total_seconds() / 3600.0
+            spill = kw * (end - following).total_seconds() / 3600.0
+            if gap < MAX_HOLD:
+                if prev.ts + MAX_HOLD <= following:
+                    kwh += prev_kw * (gap - MAX_HOLD).total_seconds() / 3600.0
+                else:  # the predecessor's held pieces spilled too; its final hold ends at `cur`
+                    kwh += (
+                        prev_kw * gap.total_seconds() / 3600.0
+                        - prev_kw * (following - prev.ts).total_seconds() / 3600.0
+                    )
+                    spill += 0.0 - prev_kw * (prev.ts + MAX_HOLD - following).total_seconds() / 3600.0
+            return [Piece(cur.ts, own_block, kwh, kw, True), Piece(cur.ts, following, spill, None, False)]
     return _stored_pieces(prev, prev_method, cur, method)
 
 
@@ -197,7 +213,7 @@ def _stored_pieces(prev: Point | None, prev_method: Method | None, cur: Point, m
     for blk, kwh in correction(prev, prev_method, cur):
         for i, p in enumerate(own):
             if p.block == blk:
-                own[i] = p._replace(kwh=p.kwh + kwh)
+                own[i] = Piece(p.source_ts, blk, p.kwh + kwh, p.power_kw, p.is_reading)
                 break
         else:
             if kwh:

@@ -345,6 +345,7 @@ class MqttIngress:
         dropped: list[int] = []
         arrived: list[int] = []
         partition = self._settings.partition
+        received = datetime.now(UTC)  # these came in one read from the socket
         for raw_topic, payload, qos, retain, pid in publishes:
             if qos:
                 arrived.append(pid)
@@ -352,7 +353,6 @@ class MqttIngress:
                 if qos:
                     dropped.append(pid)  # another bridge of the partition set stores it, from its own session
                 continue
-            received = datetime.now(UTC)
             try:
                 topic = raw_topic.decode()
             except UnicodeDecodeError:

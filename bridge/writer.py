@@ -298,37 +298,34 @@ class Writer:
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
     async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> set[Any]:
-        cols = columns([_meter_row(r) for r in rows], _METER_KINDS)
+        # the latest state from what this statement inserted, in the same round trip: a repeat is never
+        # newer than what its first storing already put in meter_latest
         await cur.execute(
             """
-            INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
-                                        current, frequency, power_factor)
-            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[],
-                                 %b::float8[], %b::float8[], %b::float8[], %b::float8[])
-            ON CONFLICT DO NOTHING RETURNING 'meter', meter_id, ts
+            WITH ins AS (
+                INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
+                                            current, frequency, power_factor)
+                SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[],
+                                     %b::float8[], %b::float8[], %b::float8[], %b::float8[])
+                ON CONFLICT DO NOTHING
+                RETURNING meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current, frequency,
+                          power_factor),
+            latest AS (
+                INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
+                                               current, frequency, power_factor)
+                SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC
+                ON CONFLICT (meter_id) DO UPDATE SET
+                    ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
+                    energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage,
+                    current = EXCLUDED.current, frequency = EXCLUDED.frequency,
+                    power_factor = EXCLUDED.power_factor, updated_at = now()
+                WHERE EXCLUDED.ts >= l.ts)
+            SELECT 'meter', meter_id, ts FROM ins
             """,
-            cols,
+            columns([_meter_row(r) for r in rows], _METER_KINDS),
             binary=True,  # timestamps come back parsed in C, not from text
         )
-        new = set(await cur.fetchall())
-        latest = _newest(rows, key=lambda r: r.meter_id)
-        cols = columns([_meter_row(r) for r in latest], _METER_KINDS)
-        await cur.execute(
-            """
-            INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
-                                           current, frequency, power_factor)
-            SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[],
-                                 %b::float8[], %b::float8[], %b::float8[], %b::float8[])
-            ON CONFLICT (meter_id) DO UPDATE SET
-                ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
-                energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage,
-                current = EXCLUDED.current, frequency = EXCLUDED.frequency,
-                power_factor = EXCLUDED.power_factor, updated_at = now()
-            WHERE EXCLUDED.ts >= l.ts
-            """,
-            cols,
-        )
-        return new
+        return set(await cur.fetchall())
 
     async def _energy(
         self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], closing: datetime

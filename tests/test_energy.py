@@ -250,9 +250,9 @@ def test_stored_pieces_fast_path_gives_the_general_figures_exactly() -> None:
     from bridge.energy import _stored_pieces, method_of, stored_pieces
 
     rng = random.Random(9)
-    for _ in range(5000):
+    for _ in range(20000):
         prev = Point(T0 + timedelta(seconds=rng.uniform(0, 3600)), rng.choice([0.0, 7.25, 50.0]), None, None)
-        cur = random_reading(rng, prev.ts + timedelta(seconds=rng.choice([0.5, 30, 299, 300, 301, 700])))
+        cur = random_reading(rng, prev.ts + timedelta(seconds=rng.choice([0.5, 30, 150, 299, 300, 301, 700])))
         before = rng.choice([None, Point(prev.ts - timedelta(seconds=9), 1.0, None, rng.choice([None, 5.0]))])
         prev_method = method_of(before, prev)
         method = method_of(prev, cur)

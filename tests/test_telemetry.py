@@ -212,3 +212,41 @@ def test_deep_nesting_is_refused_not_crashing() -> None:
 def test_outbound_command_topic_is_ignored() -> None:
     """Our own `…/cmd` messages, seen through the prefix subscription, are neither stored nor dead-lettered."""
     assert decode("pumps/p1/cmd", {"commandId": "c1", "command": "pump"}) is None
+
+
+def test_plain_meter_path_accepts_only_what_the_model_accepts_with_the_same_values() -> None:
+    """Random meter payloads: whatever the pydantic-free path accepts, MeterReadingIn accepts with equal fields."""
+    import random
+
+    from bridge.telemetry import MeterReadingIn, plain_meter_reading
+
+    rng = random.Random(3)
+    names = ["totalPowerKw", "kwhConsumedAc", "energyTotalKwh", "voltage", "current", "frequency", "powerFactor"]
+    odd_values = [None, 0, 5, -1.5, 1e13, -2e6, float("nan"), float("inf"), True, "12", [1.0], 0.5, 230.4, 999.9]
+    taken = 0
+    for _ in range(20000):
+        data: dict[str, object] = {}
+        for name in rng.sample(names, rng.randrange(0, 4)):
+            data[name] = rng.choice(odd_values) if rng.random() < 0.3 else rng.uniform(-2, 2) * 10 ** rng.randrange(4)
+        if rng.random() < 0.3:
+            data["meterId"] = rng.choice(["m-1", 7, None])
+        if rng.random() < 0.5:
+            data["timestamp"] = rng.choice(["2026-12-06T05:00:00Z", 1_764_997_200_000, 1.5e12, None, False, {}])
+        if rng.random() < 0.1:
+            data[rng.choice(["deviceId", "powerKw", "extra"])] = 1.0
+        plain = plain_meter_reading(data)
+        if plain is None:
+            continue
+        taken += 1
+        model = MeterReadingIn.model_validate(data)
+        assert (model.meterId, model.timestamp) == plain[:2], data
+        assert [getattr(model, n) for n in names] == plain[2], data
+    assert taken > 2000
+
+
+def test_usual_meter_payload_takes_the_plain_path() -> None:
+    """The contract's meter payload (floats, ISO timestamp) is decoded without the model."""
+    from bridge.telemetry import plain_meter_reading
+
+    data = orjson.loads(b'{"totalPowerKw":12.5,"voltage":230.4,"current":54.3,"timestamp":"2026-12-06T05:00:00Z"}')
+    assert plain_meter_reading(data) == (None, "2026-12-06T05:00:00Z", [12.5, None, None, 230.4, 54.3, None, None])
