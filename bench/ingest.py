@@ -452,7 +452,9 @@ class CpuMeter:
         self.procs["broker"] = [psutil.Process(svc.broker_pid)] if svc.broker_pid else []
         # the benchmark's own measuring: this process and the latency listener (publishers report their own)
         me = psutil.Process()
-        self.procs["bench"] = [me] + [c for c in me.children() if c.pid not in bridge_pids]
+        # the services may be our children too (started by the benchmark): they are counted above
+        services = {p.pid for k in ("postgres", "broker") for p in self.procs[k]}
+        self.procs["bench"] = [me] + [c for c in me.children() if c.pid not in bridge_pids and c.pid not in services]
         self.before = {k: self._cpu(k) for k in self.procs}
         self.loadavg0 = os.getloadavg()[0]
 

@@ -245,13 +245,7 @@ def pump_observations(rec: PumpStatus) -> list[Observation]:
     return out
 
 
-def meter_observations(rec: MeterReading) -> list[Observation]:
-    out = []
-    if rec.voltage is not None:
-        out.append(Observation(rec.meter_id, "meter", "voltage_out_of_range", None, rec.ts, (rec.voltage,)))
-    if rec.frequency is not None:
-        out.append(Observation(rec.meter_id, "meter", "frequency_out_of_range", None, rec.ts, (rec.frequency,)))
-    return out
+_VOLTAGE, _FREQUENCY = "voltage_out_of_range", "frequency_out_of_range"
 
 
 def obis_observations(recs: Sequence[ObisReading]) -> list[Observation]:
@@ -287,12 +281,17 @@ def observations(items: Iterable[Decoded], stored: set[tuple[str, str, datetime]
             continue
         obis: list[ObisReading] = []
         for rec in item.records:
-            if isinstance(rec, PumpStatus | MeterReading | VehicleReading | ObisReading) and rec.key() not in stored:
+            if isinstance(rec, MeterReading):  # the usual record first, its key built inline
+                if ("meter", rec.meter_id, rec.ts) in stored:
+                    if rec.voltage is not None:
+                        out.append(Observation(rec.meter_id, "meter", _VOLTAGE, None, rec.ts, (rec.voltage,)))
+                    if rec.frequency is not None:
+                        out.append(Observation(rec.meter_id, "meter", _FREQUENCY, None, rec.ts, (rec.frequency,)))
+                continue
+            if isinstance(rec, PumpStatus | VehicleReading | ObisReading) and rec.key() not in stored:
                 continue
             if isinstance(rec, PumpStatus):
                 out += pump_observations(rec)
-            elif isinstance(rec, MeterReading):
-                out += meter_observations(rec)
             elif isinstance(rec, VehicleReading):
                 out += vehicle_observations(rec)
             elif isinstance(rec, ObisReading):
@@ -669,16 +668,24 @@ class AlertEngine:
 
     def _plan(self, staged: _Staged, found: list[Observation], now: datetime) -> list[Episode]:
         snap = staged.snapshot
-        by_metric: dict[tuple[str, str, str | None], list[Observation]] = defaultdict(list)
+        by_metric: dict[tuple[str, str, str | None], list[Observation]] = {}
         newest: dict[str, datetime] = {}
+        judged, judged_before = staged.seen.get, self._seen.get
         for o in found:
+            device_id = o.device_id
             if o.type not in LIVE_TYPES:
-                last = staged.seen.get(o.device_id) or self._seen.get(o.device_id)
+                last = judged(device_id) or judged_before(device_id)
                 if last is not None and o.ts < last:
                     continue  # older than what was already judged: late history, not the present state
-                if o.device_id not in newest or o.ts > newest[o.device_id]:
-                    newest[o.device_id] = o.ts
-            by_metric[(o.device_id, o.type, o.target)].append(o)
+                known = newest.get(device_id)
+                if known is None or o.ts > known:
+                    newest[device_id] = o.ts
+            key = (device_id, o.type, o.target)
+            group = by_metric.get(key)
+            if group is None:
+                by_metric[key] = [o]
+            else:
+                group.append(o)
         staged.seen.update(newest)
         episodes: list[Episode] = []
         for (device_id, type_, target), seen in by_metric.items():
@@ -688,6 +695,13 @@ class AlertEngine:
             if len(seen) > 1:
                 seen.sort(key=_ts)
             for rule in rules:
+                if (
+                    len(seen) == 1
+                    and rule.type != "device_offline"
+                    and not rule.breached(seen[0].value)
+                    and not staged.is_active((device_id, rule.id))
+                ):
+                    continue  # the usual reading: in range, nothing active, nothing to do (what _run finds)
                 episodes += self._run(staged, rule, seen)
         if staged.reloaded:
             episodes += self._orphans(staged, now)
