@@ -20,7 +20,7 @@ from psycopg import errors as pg_errors
 
 from . import energy, rollups
 from .alerts import AlertEngine
-from .arrays import Bools, Floats, Stamps, Texts, columns
+from .arrays import Stamps, Texts, columns
 from .db import Database
 from .errors import DatabaseUnavailable
 from .telemetry import (
@@ -332,10 +332,15 @@ class Writer:
     ) -> tuple[dict[str, energy.Last], list[tuple[str, datetime]]]:
         """Energy pieces of the readings; (the cache of each meter's newest hold, the rolled-up device-hours
         whose pieces changed)."""
-        by_meter: dict[str, dict[datetime, energy.Point]] = defaultdict(dict)
+        by_meter: dict[str, dict[datetime, energy.Point]] = {}
         Point = energy.Point
         for r in rows:
-            by_meter[r.meter_id][r.ts] = Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
+            point = Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
+            points = by_meter.get(r.meter_id)
+            if points is None:
+                by_meter[r.meter_id] = {r.ts: point}
+            else:
+                points[r.ts] = point
         outcomes: dict[str, energy.Outcome] = {}
         lookup: dict[str, list[energy.Point]] = {}
         cached = {} if self._shared else self._last
@@ -367,31 +372,23 @@ class Writer:
         # the columns of the pieces, built directly: a meter's pieces have distinct (source, block) keys
         # by construction (one reading per source time, one piece per block), so no row repeats
         ids: list[str] = []
-        blocks: list[datetime] = []
-        sources: list[datetime] = []
-        kwhs: list[float] = []
-        powers: list[float | None] = []
-        own: list[bool] = []
+        every: list[energy.Piece] = []
         replace: list[tuple[str, datetime]] = []
         cache: dict[str, energy.Last] = {}
         late: list[tuple[str, datetime]] = []
         for meter_id, outcome in outcomes.items():
             got = outcome.pieces
             ids += [meter_id] * len(got)
-            for p in got:
-                sources.append(p.source_ts)
-                blocks.append(p.block)
-                kwhs.append(p.kwh)
-                powers.append(p.power_kw)
-                own.append(p.is_reading)
-                if p.block < closing:
-                    late.append((meter_id, rollups.hour_of(p.block)))
+            every += got
             if outcome.replace:
                 replace.extend((meter_id, ts) for ts in outcome.replace)
             if outcome.last is not None:
                 cache[meter_id] = outcome.last
             else:
                 self._last.pop(meter_id, None)
+        sources, blocks, kwhs, powers, own = columns(every, "ssffb")  # a Piece's fields, in order
+        if blocks and min(blocks) < closing:
+            late += [(m, rollups.hour_of(b)) for m, b in zip(ids, blocks, strict=True) if b < closing]
         if replace:
             await cur.execute(
                 "WITH d AS (DELETE FROM meter_energy e USING unnest(%b::text[], %b::timestamptz[]) AS r(meter_id, "
@@ -409,7 +406,7 @@ class Writer:
             ON CONFLICT (meter_id, source_ts, ts) DO UPDATE SET
                 kwh = EXCLUDED.kwh, power_kw = EXCLUDED.power_kw, is_reading = EXCLUDED.is_reading
             """,
-            (Texts(ids), Stamps(blocks), Stamps(sources), Floats(kwhs), Floats(powers), Bools(own)),
+            (Texts(ids), blocks, sources, kwhs, powers, own),
         )
         return cache, late
 
@@ -629,8 +626,17 @@ class Writer:
 
 def _is_new(message: Message, new_keys: set[tuple[str, str, datetime]]) -> bool:
     """A message counts as stored unless every row it carries was already there (a repeat)."""
-    keyed = [rec.key() for rec in message.records if not isinstance(rec, Presence | CommandResult)]
-    return not keyed or any(k in new_keys for k in keyed)
+    keyed = False
+    for rec in message.records:
+        if isinstance(rec, MeterReading):
+            if ("meter", rec.meter_id, rec.ts) in new_keys:
+                return True
+            keyed = True
+        elif not isinstance(rec, Presence | CommandResult):
+            if rec.key() in new_keys:
+                return True
+            keyed = True
+    return not keyed
 
 
 def _meter_row(r: MeterReading) -> tuple[Any, ...]:
