@@ -26,22 +26,22 @@ from .telemetry import (
 TOPIC = "telemetry/committed"
 
 
+def _meter_data(rec: MeterReading) -> dict[str, Any]:
+    return {
+        "totalPowerKw": rec.power_kw,
+        "kwhConsumedAc": rec.kwh_consumed_ac,
+        "energyTotalKwh": rec.energy_total_kwh,
+        "voltage": rec.voltage,
+        "current": rec.current,
+        "frequency": rec.frequency,
+        "powerFactor": rec.power_factor,
+    }
+
+
 def record_json(rec: Any) -> dict[str, Any]:
     """A stored record in the contract's field names."""
     if isinstance(rec, MeterReading):
-        return {
-            "type": "reading",
-            "ts": rec.ts,
-            "data": {
-                "totalPowerKw": rec.power_kw,
-                "kwhConsumedAc": rec.kwh_consumed_ac,
-                "energyTotalKwh": rec.energy_total_kwh,
-                "voltage": rec.voltage,
-                "current": rec.current,
-                "frequency": rec.frequency,
-                "powerFactor": rec.power_factor,
-            },
-        }
+        return {"type": "reading", "ts": rec.ts, "data": _meter_data(rec)}
     if isinstance(rec, VehicleReading):
         return {
             "type": "reading",
@@ -77,12 +77,23 @@ def payload(
     alerts: Sequence[dict[str, Any]] = (),
 ) -> bytes | None:
     """`alerts`: raised/resolved in the same commit (`bridge.alerts`), relayed as `alert_triggered`."""
-    records = [
-        {"kind": item.kind, "deviceId": item.device_id, **record_json(rec)}
-        for item in items
-        if isinstance(item, Message)
-        for rec in item.records
-    ]
+    records: list[dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, Message):
+            continue
+        for rec in item.records:
+            if isinstance(rec, MeterReading):  # the usual record, built in one go (same keys, same order)
+                records.append(
+                    {
+                        "kind": item.kind,
+                        "deviceId": item.device_id,
+                        "type": "reading",
+                        "ts": rec.ts,
+                        "data": _meter_data(rec),
+                    }
+                )
+            else:
+                records.append({"kind": item.kind, "deviceId": item.device_id, **record_json(rec)})
     if not records and not status_changes and not alerts:
         return None
     changes = [{"deviceId": d, "kind": k, "status": s} for d, k, s in status_changes]

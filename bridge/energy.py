@@ -23,7 +23,6 @@ Pieces are keyed (meter, source reading time, block start); rewriting them is id
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
 
@@ -228,8 +227,7 @@ class Last(NamedTuple):  # a tuple: built thousands of times per batch
     method: Method
 
 
-@dataclass(slots=True)
-class Outcome:
+class Outcome(NamedTuple):  # a tuple: one per meter and batch
     pieces: list[Piece]
     replace: list[datetime]  # source readings whose old pieces must be deleted first
     last: Last | None  # new cache entry; None: unknown, ask the database next time

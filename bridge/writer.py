@@ -332,20 +332,27 @@ class Writer:
     ) -> tuple[dict[str, energy.Last], list[tuple[str, datetime]]]:
         """Energy pieces of the readings; (the cache of each meter's newest hold, the rolled-up device-hours
         whose pieces changed)."""
-        by_meter: dict[str, dict[datetime, energy.Point]] = {}
+        # lists, not dicts by time: hashing an aware datetime calls utcoffset(), and most meters have one
+        by_meter: dict[str, list[energy.Point]] = {}
         Point = energy.Point
         for r in rows:
             point = Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
             points = by_meter.get(r.meter_id)
             if points is None:
-                by_meter[r.meter_id] = {r.ts: point}
+                by_meter[r.meter_id] = [point]
             else:
-                points[r.ts] = point
+                points.append(point)
         outcomes: dict[str, energy.Outcome] = {}
         lookup: dict[str, list[energy.Point]] = {}
         cached = {} if self._shared else self._last
         for meter_id, points in by_meter.items():
-            ordered = list(points.values()) if len(points) == 1 else [points[t] for t in sorted(points)]
+            if len(points) == 1:
+                ordered = points
+            else:  # one reading per time: the first received, as the readings' ON CONFLICT DO NOTHING keeps
+                unique: dict[datetime, energy.Point] = {}
+                for p in points:
+                    unique.setdefault(p.ts, p)
+                ordered = [unique[t] for t in sorted(unique)]
             last = cached.get(meter_id)
             if last is not None and ordered[0].ts > last.point.ts:
                 outcomes[meter_id] = energy.extend(last, ordered)
