@@ -10,6 +10,7 @@ directory, both stopped at the end) and measures, in this order:
   latency1k  the same at 1,000 msg/s (below its capacity: the latency of batching alone)
   latency2   5,000 msg/s into two bridges partitioned by device (BRIDGE_PARTITION 0/2 and 1/2)
   sustained  our bridge offered 20,000 msg/s for 60 s
+  sustained2 the same into two bridges partitioned by device
   overload   publishers as fast as they can: our bridge's maximum, its RSS, nothing dropped (profiled)
   shared     two bridges on one $share subscription (BRIDGE_SHARED_GROUP), same load as overload
   partitioned two bridges, each storing half of the devices (BRIDGE_PARTITION 0/2 and 1/2), same load
@@ -44,7 +45,17 @@ from typing import Any
 from . import api_load, ceilings, ingest, report, ws_load
 from .services import Services, create_database, drop_database, own_services, start_broker, stop_process
 
-INGEST_MODES = ("naive", "latency", "latency1k", "latency2", "sustained", "overload", "shared", "partitioned")
+INGEST_MODES = (
+    "naive",
+    "latency",
+    "latency1k",
+    "latency2",
+    "sustained",
+    "sustained2",
+    "overload",
+    "shared",
+    "partitioned",
+)
 MODES = ("ceilings", *INGEST_MODES, "api", "ws")
 QUICK_MODES = ("ceilings", "naive", "latency", "overload", "shared", "partitioned")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -59,6 +70,7 @@ def full_plan(args: argparse.Namespace) -> dict[str, Any]:
         "latency1k": ingest.Load(publishers=2, meters=meters, rate=1_000, duration=20, count=20_000),
         "latency2": ingest.Load(publishers=2, meters=meters, rate=5_000, duration=30, count=150_000),
         "sustained": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
+        "sustained2": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
         "overload": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "shared": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "partitioned": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
@@ -144,8 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         mode,
                         plan[mode],
                         consumer="naive" if mode == "naive" else "ours",
-                        bridges=2 if mode in ("shared", "partitioned", "latency2") else 1,
-                        partitioned=mode in ("partitioned", "latency2"),
+                        bridges=2 if mode in ("shared", "partitioned", "latency2", "sustained2") else 1,
+                        partitioned=mode in ("partitioned", "latency2", "sustained2"),
                         backlog_limit=plan["backlog_limit"],
                         drain_timeout=plan["drain_timeout"],
                         profile_seconds=plan["profile_seconds"] if mode == "overload" else 0.0,

@@ -550,9 +550,14 @@ class AlertEngine:
         staged = await self._begin(cur)
         now = datetime.now(UTC)
         found = observations(items, stored) + status_observations(status_changes, now)
-        found += await self._efficiency(cur, staged, items, stored, now)
+        efficiency = await self._efficiency(cur, staged, items, stored, now)
+        found += efficiency
         if self._shared:
             await self._load_active(cur, staged, {o.device_id for o in found})
+        elif efficiency:
+            # a vehicle's efficiency is judged by whichever writer (BRIDGE_WRITERS) stored its meter's or its
+            # own data, and each writer caches only what it raised or resolved itself: ask the database
+            await self._load_active(cur, staged, {o.device_id for o in efficiency})
         return await self._apply(cur, staged, found, now)
 
     async def sweep(

@@ -219,7 +219,7 @@ class Settings:
     partition: tuple[int, int] | None = None
     mqtt_protocol: str = "auto"  # auto | 5 | 3.1.1
     receive_maximum: int = 10000
-    batch_size: int = 2000
+    batch_size: int = 4000
     # concurrent writers, each with its own connection and a share of the devices (1 for PGlite)
     writers: int = 2
     # how often the Roller (bridge.rollups) looks for hours to roll up, on one more connection; 0: never
@@ -266,7 +266,7 @@ class Settings:
             partition=partition,
             mqtt_protocol=protocol,
             receive_maximum=_int(env, "BRIDGE_RECEIVE_MAXIMUM", 10000, 1),
-            batch_size=_int(env, "BRIDGE_BATCH_SIZE", 2000, 1),
+            batch_size=_int(env, "BRIDGE_BATCH_SIZE", 4000, 1),
             writers=min(_int(env, "BRIDGE_WRITERS", 2, 1), 16),
             rollup_every=_float(env, "BRIDGE_ROLLUP_EVERY_S", 60.0),
             flush_interval=_float(env, "BRIDGE_FLUSH_MS", 5.0) / 1000.0,
