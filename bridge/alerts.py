@@ -22,6 +22,7 @@ for every kind. A disabled device rule therefore silences that alert for the dev
 from __future__ import annotations
 
 import logging
+import math
 import time
 import weakref
 from collections import defaultdict
@@ -34,7 +35,7 @@ import orjson
 import psycopg
 
 from . import topics
-from .telemetry import Decoded, Message, MeterReading, ObisReading, PumpStatus, VehicleReading
+from .telemetry import Decoded, Message, MeterReading, ObisReading, PumpStatus, Stored, VehicleReading
 
 log = logging.getLogger(__name__)
 
@@ -273,22 +274,37 @@ def status_observations(changes: Iterable[tuple[str, str, str]], now: datetime) 
     return [Observation(d, k, "device_offline", None, now, s == "offline") for d, k, s in changes]
 
 
-def observations(items: Iterable[Decoded], stored: set[tuple[str, str, datetime]]) -> list[Observation]:
-    """What the newly stored records show; repeats (not in `stored`) were evaluated when first stored."""
+def meter_observations(rec: MeterReading) -> list[Observation]:
+    out = []
+    if rec.voltage is not None:
+        out.append(Observation(rec.meter_id, "meter", _VOLTAGE, None, rec.ts, (rec.voltage,)))
+    if rec.frequency is not None:
+        out.append(Observation(rec.meter_id, "meter", _FREQUENCY, None, rec.ts, (rec.frequency,)))
+    return out
+
+
+def observations(items: Iterable[Decoded], stored: Stored, quiet: Quiet | None = None) -> list[Observation]:
+    """What the newly stored records show; repeats (not in `stored`) were evaluated when first stored.
+
+    `quiet` takes the meter readings that cannot change any alert (see `Quiet`): no observation is made.
+    """
     out: list[Observation] = []
+    all_meters, keys = stored.all_meters, stored.keys
     for item in items:
         if not isinstance(item, Message):
             continue
         obis: list[ObisReading] = []
         for rec in item.records:
             if isinstance(rec, MeterReading):  # the usual record first, its key built inline
-                if ("meter", rec.meter_id, rec.ts) in stored:
+                if all_meters or ("meter", rec.meter_id, rec.ts) in keys:
+                    if quiet is not None and quiet.hush(rec):
+                        continue
                     if rec.voltage is not None:
                         out.append(Observation(rec.meter_id, "meter", _VOLTAGE, None, rec.ts, (rec.voltage,)))
                     if rec.frequency is not None:
                         out.append(Observation(rec.meter_id, "meter", _FREQUENCY, None, rec.ts, (rec.frequency,)))
                 continue
-            if isinstance(rec, PumpStatus | VehicleReading | ObisReading) and rec.key() not in stored:
+            if isinstance(rec, PumpStatus | VehicleReading | ObisReading) and rec.key() not in keys:
                 continue
             if isinstance(rec, PumpStatus):
                 out += pump_observations(rec)
@@ -298,7 +314,56 @@ def observations(items: Iterable[Decoded], stored: set[tuple[str, str, datetime]
                 obis.append(rec)
         if obis:
             out += obis_observations(obis)
+    if quiet is not None:
+        quiet.finish(out)
     return out
+
+
+class Quiet:
+    """Meter readings that cannot change an alert, kept out of the rule runs (most readings, every batch).
+
+    A reading is quiet when its meter has no active alert and its voltage and frequency breach none of
+    the meter's rules (`Snapshot.meter_band`): what the rules would find is "still fine". Only its time
+    is kept, as the newest judged. A meter with one loud reading in the batch has all its readings run
+    through the rules, in time order, the quiet ones too (`finish`).
+    """
+
+    __slots__ = ("_hushed", "_loud", "_snap", "_turned", "newest")
+
+    def __init__(self, snap: Snapshot, loud: set[str]) -> None:
+        self._snap = snap
+        self._loud = loud  # meters with an active alert, and those with a loud reading in this batch
+        self.newest: dict[str, datetime] = {}  # quiet meters -> their newest reading of the batch
+        self._hushed: list[MeterReading] = []
+        self._turned: set[str] = set()
+
+    def hush(self, rec: MeterReading) -> bool:
+        meter_id = rec.meter_id
+        if meter_id in self._loud:
+            return False
+        v_lo, v_hi, f_lo, f_hi = self._snap.meter_band(meter_id)
+        v, f = rec.voltage, rec.frequency
+        if (v is None or v_lo <= v <= v_hi) and (f is None or f_lo <= f <= f_hi):
+            newest = self.newest.get(meter_id)
+            if newest is None or rec.ts > newest:
+                self.newest[meter_id] = rec.ts
+            self._hushed.append(rec)
+            return True
+        self._loud.add(meter_id)
+        if meter_id in self.newest:
+            self._turned.add(meter_id)
+        return False
+
+    def finish(self, out: list[Observation]) -> None:
+        """The quiet readings of meters that turned loud later in the batch: observed after all."""
+        if not self._turned:
+            return
+        for rec in self._hushed:
+            if rec.meter_id in self._turned:
+                out += meter_observations(rec)
+        for meter_id in self._turned:
+            del self.newest[meter_id]
+        self._turned = set()
 
 
 def _ts(o: Observation) -> datetime:
@@ -353,6 +418,7 @@ class Snapshot:
     active: dict[Key, Active] = field(default_factory=dict)
     notified: int = 0  # NOTIFYs seen when it was loaded
     _for: dict[tuple[str, str], dict[tuple[str, str | None], list[Rule]]] = field(default_factory=dict)
+    _bands: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
     def rules_for(self, device_id: str, kind: str) -> dict[tuple[str, str | None], list[Rule]]:
         """The device's enabled rules by (type, target), its own maximum applied; cached per snapshot."""
@@ -367,8 +433,27 @@ class Snapshot:
             self._for[key] = found
         return found
 
+    def meter_band(self, device_id: str) -> tuple[float, float, float, float]:
+        """(voltage low, high, frequency low, high): inside, a meter reading breaches none of its rules."""
+        band = self._bands.get(device_id)
+        if band is None:
+            rules = self.rules_for(device_id, "meter")
+            volts, hertz = rules.get((_VOLTAGE, None), ()), rules.get((_FREQUENCY, None), ())
+            band = (*_band(volts), *_band(hertz))
+            if len(self._bands) > 100_000:
+                self._bands.clear()
+            self._bands[device_id] = band
+        return band
+
     def evaluates(self, type_: str) -> bool:
         return any(r.enabled and r.type == type_ for r in self.rules)
+
+
+def _band(rules: Iterable[Rule]) -> tuple[float, float]:
+    """The values no rule's band is breached by (a NaN is outside every band: it goes the long way)."""
+    lows = [r.low for r in rules if r.low is not None]
+    highs = [r.high for r in rules if r.high is not None]
+    return (max(lows, default=-math.inf), min(highs, default=math.inf))
 
 
 @dataclass
@@ -392,6 +477,11 @@ class _Staged:
     seen: dict[str, datetime] = field(default_factory=dict)  # device -> newest record time judged
     reloaded: bool = False
     conn: Any = None
+
+    def active_devices(self) -> set[str]:
+        out = {device_id for device_id, _ in self.snapshot.active}
+        out.update(device_id for (device_id, _), ref in self.active.items() if ref is not None)
+        return out
 
     def is_active(self, key: Key) -> bool:
         if key in self.active:
@@ -543,13 +633,15 @@ class AlertEngine:
         self,
         cur: psycopg.AsyncCursor[Any],
         items: Sequence[Decoded],
-        stored: set[tuple[str, str, datetime]],
+        stored: Stored,
         status_changes: Sequence[tuple[str, str, str]],
     ) -> list[dict[str, Any]]:
         """Raise and resolve what the batch just stored shows; returns the announcements."""
         staged = await self._begin(cur)
         now = datetime.now(UTC)
-        found = observations(items, stored) + status_observations(status_changes, now)
+        # with a shared subscription another bridge may have raised what a quiet reading would resolve
+        quiet = None if self._shared else Quiet(staged.snapshot, staged.active_devices())
+        found = observations(items, stored, quiet) + status_observations(status_changes, now)
         efficiency = await self._efficiency(cur, staged, items, stored, now)
         found += efficiency
         if self._shared:
@@ -558,7 +650,7 @@ class AlertEngine:
             # a vehicle's efficiency is judged by whichever writer (BRIDGE_WRITERS) stored its meter's or its
             # own data, and each writer caches only what it raised or resolved itself: ask the database
             await self._load_active(cur, staged, {o.device_id for o in efficiency})
-        return await self._apply(cur, staged, found, now)
+        return await self._apply(cur, staged, found, now, quiet)
 
     async def sweep(
         self, cur: psycopg.AsyncCursor[Any], status_changes: Sequence[tuple[str, str, str]]
@@ -651,15 +743,15 @@ class AlertEngine:
         cur: psycopg.AsyncCursor[Any],
         staged: _Staged,
         items: Sequence[Decoded],
-        stored: set[tuple[str, str, datetime]],
+        stored: Stored,
         now: datetime,
     ) -> list[Observation]:
         """One query for the 24-hour efficiency of the vehicles this batch concerns (directly or by meter)."""
         snap = staged.snapshot
         if not snap.evaluates("low_efficiency"):
             return []
-        vehicles = {k[1] for k in stored if k[0] == "vehicle"}
-        meters = {k[1] for k in stored if k[0] == "meter"} & snap.correlated_meters
+        vehicles = stored.ids("vehicle")
+        meters = stored.meter_ids() & snap.correlated_meters
         if not vehicles and not meters:
             return []
         await cur.execute(_EFFICIENCY, {"vehicles": sorted(vehicles), "meters": sorted(meters)})
@@ -671,7 +763,9 @@ class AlertEngine:
                 out.append(Observation(vehicle_id, "vehicle", "low_efficiency", None, now, (ratio,)))
         return out
 
-    def _plan(self, staged: _Staged, found: list[Observation], now: datetime) -> list[Episode]:
+    def _plan(
+        self, staged: _Staged, found: list[Observation], now: datetime, quiet: Quiet | None = None
+    ) -> list[Episode]:
         snap = staged.snapshot
         by_metric: dict[tuple[str, str, str | None], list[Observation]] = {}
         newest: dict[str, datetime] = {}
@@ -692,6 +786,11 @@ class AlertEngine:
             else:
                 group.append(o)
         staged.seen.update(newest)
+        if quiet is not None:  # judged too: a late reading older than these is history
+            for device_id, ts in quiet.newest.items():
+                last = judged(device_id) or judged_before(device_id)
+                if last is None or ts > last:
+                    staged.seen[device_id] = ts
         episodes: list[Episode] = []
         for (device_id, type_, target), seen in by_metric.items():
             rules = snap.rules_for(device_id, seen[0].kind).get((type_, target))
@@ -751,9 +850,14 @@ class AlertEngine:
         return out
 
     async def _apply(
-        self, cur: psycopg.AsyncCursor[Any], staged: _Staged, found: list[Observation], now: datetime
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        staged: _Staged,
+        found: list[Observation],
+        now: datetime,
+        quiet: Quiet | None = None,
     ) -> list[dict[str, Any]]:
-        episodes = self._plan(staged, found, now)
+        episodes = self._plan(staged, found, now, quiet)
         if not episodes:
             return []
         announced: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
@@ -334,6 +335,44 @@ class DeadLetter:
 
 
 Decoded = Message | DeadLetter
+
+Key = tuple[str, str, datetime]  # (record kind, device, time): a stored row's primary key
+
+
+class Stored:
+    """What a batch stored for the first time (a repeat's rows were already there).
+
+    `keys`: the keys the INSERTs returned. The usual batch stores every meter reading it carries; then
+    `all_meters` says so and their keys are never fetched (thousands of rows and hashed datetimes).
+    """
+
+    __slots__ = ("_meter_ids", "_meters", "all_meters", "keys")
+
+    def __init__(
+        self, keys: set[Key] | None = None, *, all_meters: bool = False, meters: Sequence[MeterReading] = ()
+    ) -> None:
+        self.keys: set[Key] = keys if keys is not None else set()
+        self.all_meters = all_meters
+        self._meters = meters
+        self._meter_ids: set[str] | None = None
+
+    def meter(self, meter_id: str, ts: datetime) -> bool:
+        return self.all_meters or ("meter", meter_id, ts) in self.keys
+
+    def meter_ids(self) -> set[str]:
+        """The meters with a reading stored by this batch."""
+        if self._meter_ids is None:
+            if self.all_meters:
+                self._meter_ids = {r.meter_id for r in self._meters}
+            else:
+                self._meter_ids = {k[1] for k in self.keys if k[0] == "meter"}
+        return self._meter_ids
+
+    def ids(self, kind: str) -> set[str]:
+        """The devices of `kind` with a row stored by this batch."""
+        if kind == "meter":
+            return self.meter_ids()
+        return {k[1] for k in self.keys if k[0] == kind}
 
 
 # ---- decoding -------------------------------------------------------------------------------

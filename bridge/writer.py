@@ -33,6 +33,7 @@ from .telemetry import (
     Presence,
     PumpEvent,
     PumpStatus,
+    Stored,
     VehicleReading,
 )
 
@@ -227,12 +228,14 @@ class Writer:
         if fresh:
             result.status_changes = await self._devices(cur, fresh)
             self._staged_writes = {d: (v[2], now) for d, v in fresh.items()}
-        new_keys: set[tuple[str, str, datetime]] = set()
+        stored = Stored()
+        new_keys = stored.keys
         cache: dict[str, energy.Last] = {}
         late_meters: list[tuple[str, datetime]] = []
         late_vehicles: list[tuple[str, datetime]] = []
         if meters:
-            new_keys |= await self._meters(cur, meters)
+            stored = await self._meters(cur, meters)
+            new_keys = stored.keys
             cache, late_meters = await self._energy(cur, meters, closing)
         if vehicles:
             new_keys |= await self._vehicles(cur, vehicles)
@@ -250,11 +253,11 @@ class Writer:
         if letters:
             await self._dead_letters(cur, letters)
         for item in items:
-            if isinstance(item, Message) and _is_new(item, new_keys):
+            if isinstance(item, Message) and _is_new(item, stored):
                 result.stored += 1
         result.dead_letters = len(letters)
         if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
-            result.alerts = await self._alerts.evaluate(cur, items, new_keys, result.status_changes)
+            result.alerts = await self._alerts.evaluate(cur, items, stored, result.status_changes)
         # concurrent writers (BRIDGE_WRITERS) take the counters' row locks in one order: no deadlock
         await cur.execute("SELECT 1 FROM counters WHERE name = ANY(%b::text[]) ORDER BY name FOR UPDATE", (_COUNTERS,))
         await cur.execute(
@@ -297,7 +300,7 @@ class Writer:
         )
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
-    async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> set[Any]:
+    async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> Stored:
         # the latest state from what this statement inserted, in the same round trip: a repeat is never
         # newer than what its first storing already put in meter_latest
         await cur.execute(
@@ -320,12 +323,21 @@ class Writer:
                     current = EXCLUDED.current, frequency = EXCLUDED.frequency,
                     power_factor = EXCLUDED.power_factor, updated_at = now()
                 WHERE EXCLUDED.ts >= l.ts)
-            SELECT 'meter', meter_id, ts FROM ins
+            SELECT count(*)::int4,
+                   CASE WHEN count(*) < %b::int4 THEN array_agg(meter_id) END,
+                   CASE WHEN count(*) < %b::int4 THEN array_agg(ts) END
+            FROM ins
             """,
-            columns([_meter_row(r) for r in rows], _METER_KINDS),
+            (*columns([_meter_row(r) for r in rows], _METER_KINDS), len(rows), len(rows)),
             binary=True,  # timestamps come back parsed in C, not from text
         )
-        return set(await cur.fetchall())
+        # the keys only when some reading was a repeat: the usual batch stores all of them
+        row = await cur.fetchone()
+        assert row is not None
+        count, ids, stamps = row
+        if count == len(rows):
+            return Stored(all_meters=True, meters=rows)
+        return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)})
 
     async def _energy(
         self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], closing: datetime
@@ -631,16 +643,17 @@ class Writer:
         )
 
 
-def _is_new(message: Message, new_keys: set[tuple[str, str, datetime]]) -> bool:
+def _is_new(message: Message, stored: Stored) -> bool:
     """A message counts as stored unless every row it carries was already there (a repeat)."""
     keyed = False
+    keys = stored.keys
     for rec in message.records:
         if isinstance(rec, MeterReading):
-            if ("meter", rec.meter_id, rec.ts) in new_keys:
+            if stored.all_meters or ("meter", rec.meter_id, rec.ts) in keys:
                 return True
             keyed = True
         elif not isinstance(rec, Presence | CommandResult):
-            if rec.key() in new_keys:
+            if rec.key() in keys:
                 return True
             keyed = True
     return not keyed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from dataclasses import replace
@@ -15,16 +16,22 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.alerts import (
+    Active,
+    AlertEngine,
+    Quiet,
     Rule,
+    Snapshot,
+    _Staged,
     applicable,
     obis_observations,
+    observations,
     pump_observations,
     rule_problems,
     step,
     with_device_max,
 )
 from bridge.config import MqttUrl
-from bridge.telemetry import ObisReading, PumpStatus, PumpStatusIn
+from bridge.telemetry import Message, MeterReading, ObisReading, PumpStatus, PumpStatusIn, Stored
 
 from .conftest import Publisher, query, settings_for, unique, wait_for_rows
 
@@ -164,6 +171,65 @@ def test_rule_precedence_and_device_maximum() -> None:
     assert with_device_max(over, 6.0) == replace(over, high=6.0, clear_high=5.0)
     assert with_device_max(replace(over, device_id="p1"), 6.0).high == 10.0  # the device's own rule wins
     assert with_device_max(over, None) is over
+
+
+def _judge(engine: AlertEngine, snap: Snapshot, batch: list[MeterReading], quiet: bool) -> list[tuple[Any, ...]]:
+    """One batch through the engine's planning, the database's part (raise, resolve) played by hand."""
+    staged = _Staged(snap)
+    engine._staged = staged
+    now = datetime.now(UTC)
+    items = [Message("meter", r.meter_id, now, [r]) for r in batch]
+    hush = Quiet(snap, staged.active_devices()) if quiet else None
+    episodes = engine._plan(staged, observations(items, Stored(all_meters=True, meters=batch), hush), now, hush)
+    for e in episodes:
+        staged.active[(e.device_id, e.rule.id)] = None if e.resolved is not None else Active(1, e.kind)
+    engine.commit()
+    found = [(e.device_id, e.rule.id, e.raised and e.raised.ts, e.resolved_at, e.message, e.note) for e in episodes]
+    return sorted(found, key=repr)
+
+
+def test_quiet_readings_change_no_verdict() -> None:
+    """Leaving in-band meter readings out of the rule runs raises, resolves and judges exactly as running them all."""
+    rules = [
+        Rule(1, "voltage_out_of_range", kind="meter", low=207.0, high=253.0, clear_low=212.0, clear_high=248.0),
+        Rule(2, "frequency_out_of_range", kind="meter", low=49.5, high=50.5, clear_low=49.8, clear_high=50.2),
+        Rule(3, "voltage_out_of_range", device_id="m2", kind="meter", low=100.0, high=120.0),
+        Rule(4, "device_offline"),
+    ]
+    volts = [230.0, 230.0, 230.0, 250.0, 255.0, 205.0, 210.0, 110.0, None]
+    hertz = [50.0, 50.0, 50.0, 50.3, 50.6, 49.4, None]
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    raised = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        readings = [
+            MeterReading(
+                f"m{rng.randrange(4)}",
+                start + timedelta(seconds=i),
+                1.0,
+                None,
+                None,
+                rng.choice(volts),
+                None,
+                rng.choice(hertz),
+                None,
+            )
+            for i in range(300)
+        ]
+        late = readings[100:200]
+        rng.shuffle(late)  # late data among the rest
+        readings[100:200] = late
+        full, fast = AlertEngine(), AlertEngine()
+        snaps = (Snapshot(list(rules)), Snapshot(list(rules)))
+        while readings:
+            n = rng.randrange(1, 40)
+            batch, readings = readings[:n], readings[n:]
+            expected = _judge(full, snaps[0], batch, quiet=False)
+            assert _judge(fast, snaps[1], batch, quiet=True) == expected, seed
+            raised += len(expected)
+        assert fast._seen == full._seen
+        assert snaps[1].active == snaps[0].active
+    assert raised > 100  # the readings do cross the bands
 
 
 def test_rule_problems_name_each_field() -> None:
