@@ -333,9 +333,8 @@ class Hub:
         if topic != committed.TOPIC or not isinstance(data, dict) or not self.clients:
             return
         newest: dict[str, MeterSample] = {}
-        for rec in data.get("records") or ():
-            if isinstance(rec, dict):
-                self._relay_record(rec, newest)
+        for rec in committed.records(data):
+            self._relay_record(rec, newest)
         for change in data.get("statusChanges") or ():
             if isinstance(change, dict):
                 self._relay_status(change)

@@ -22,6 +22,7 @@ import threading
 import time
 from array import array
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         note = orjson.loads(msg.payload)
         with lock:
             notes += 1
-            for rec in note.get("records", ()):
-                device = rec.get("deviceId", "")
-                if not device.startswith(args.prefix):
+            # the meter readings' columns directly (bridge.committed): no dict per record
+            block = note.get("meterReadings") or {}
+            pairs = [(r.get("deviceId", ""), r.get("ts")) for r in note.get("records", ())]
+            for device, stamp in chain(pairs, zip(block.get("deviceId", ()), block.get("ts", ()), strict=True)):
+                if not device.startswith(args.prefix) or not isinstance(stamp, str):
                     continue
-                stamp = rec["ts"]
                 key = hash((device, stamp))
                 if key in seen:
                     repeats += 1  # a redelivery the bridge stored once (its primary key absorbed it)

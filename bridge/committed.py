@@ -6,7 +6,7 @@ The API subscribes to it and relays to dashboards; devices never publish there (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +24,8 @@ from .telemetry import (
 )
 
 TOPIC = "telemetry/committed"
+# a meter reading's data fields in the contract's names, in MeterReading's order after (meter_id, ts)
+METER_FIELDS = ("totalPowerKw", "kwhConsumedAc", "energyTotalKwh", "voltage", "current", "frequency", "powerFactor")
 
 
 def _meter_data(rec: MeterReading) -> dict[str, Any]:
@@ -78,26 +80,46 @@ def payload(
 ) -> bytes | None:
     """`alerts`: raised/resolved in the same commit (`bridge.alerts`), relayed as `alert_triggered`."""
     records: list[dict[str, Any]] = []
+    # the usual record, a meter's reading, goes as columns: a dict per reading was 3.7 µs of the bridge's
+    # time and 233 bytes a reading; the columns are one transpose of the NamedTuples
+    meters: list[MeterReading] = []
+    meter_ids: list[str] = []
     for item in items:
         if not isinstance(item, Message):
             continue
         for rec in item.records:
-            if isinstance(rec, MeterReading):  # the usual record, built in one go (same keys, same order)
-                records.append(
-                    {
-                        "kind": item.kind,
-                        "deviceId": item.device_id,
-                        "type": "reading",
-                        "ts": rec.ts,
-                        "data": _meter_data(rec),
-                    }
-                )
+            if type(rec) is MeterReading and item.kind == "meter":
+                meters.append(rec)
+                meter_ids.append(item.device_id)
             else:
                 records.append({"kind": item.kind, "deviceId": item.device_id, **record_json(rec)})
-    if not records and not status_changes and not alerts:
+    if not records and not meters and not status_changes and not alerts:
         return None
     changes = [{"deviceId": d, "kind": k, "status": s} for d, k, s in status_changes]
     note: dict[str, Any] = {"records": records, "statusChanges": changes}
+    if meters:
+        cols = list(zip(*meters, strict=True))
+        note["meterReadings"] = {"deviceId": meter_ids, "ts": cols[1], **dict(zip(METER_FIELDS, cols[2:], strict=True))}
     if alerts:
         note["alerts"] = list(alerts)
     return orjson.dumps(note)
+
+
+def records(note: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every record of a note in the one-record form (`kind`, `deviceId`, `type`, `ts`, `data`): the
+    `records` list, then the meter readings' columns; malformed parts are skipped."""
+    for rec in note.get("records") or ():
+        if isinstance(rec, dict):
+            yield rec
+    block = note.get("meterReadings")
+    if not isinstance(block, dict):
+        return
+    ids, stamps = block.get("deviceId"), block.get("ts")
+    cols = [block.get(name) for name in METER_FIELDS]
+    if not isinstance(ids, list) or not isinstance(stamps, list) or len(stamps) != len(ids):
+        return
+    if not all(isinstance(col, list) and len(col) == len(ids) for col in cols):
+        return
+    for i, device_id in enumerate(ids):
+        data = {name: col[i] for name, col in zip(METER_FIELDS, cols, strict=True)}  # type: ignore[index]
+        yield {"kind": "meter", "deviceId": device_id, "type": "reading", "ts": stamps[i], "data": data}
