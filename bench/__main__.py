@@ -9,7 +9,7 @@ directory, both stopped at the end) and measures, in this order:
   latency    our bridge at a fixed 5,000 msg/s: publish → committed p50/p99/max
   latency1k  the same at 1,000 msg/s (below its capacity: the latency of batching alone)
   latency2   5,000 msg/s into two bridges partitioned by device (BRIDGE_PARTITION 0/2 and 1/2)
-  sustained  our bridge offered 20,000 msg/s for 60 s
+  sustained  our bridge offered 21,000 msg/s for 60 s (the target is 20,000 committed: see report.py)
   sustained2 the same into two bridges partitioned by device
   overload   publishers as fast as they can: our bridge's maximum, its RSS, nothing dropped (profiled)
   shared     two bridges on one $share subscription (BRIDGE_SHARED_GROUP), same load as overload
@@ -69,8 +69,12 @@ def full_plan(args: argparse.Namespace) -> dict[str, Any]:
         "latency": ingest.Load(publishers=2, meters=meters, rate=5_000, duration=30, count=150_000),
         "latency1k": ingest.Load(publishers=2, meters=meters, rate=1_000, duration=20, count=20_000),
         "latency2": ingest.Load(publishers=2, meters=meters, rate=5_000, duration=30, count=150_000),
-        "sustained": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
-        "sustained2": ingest.Load(publishers=2, meters=meters, rate=20_000, duration=60, count=1_200_000),
+        "sustained": ingest.Load(
+            publishers=2, meters=meters, rate=report.SUSTAINED_OFFER, duration=60, count=1_260_000
+        ),
+        "sustained2": ingest.Load(
+            publishers=2, meters=meters, rate=report.SUSTAINED_OFFER, duration=60, count=1_260_000
+        ),
         "overload": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "shared": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),
         "partitioned": ingest.Load(publishers=2, meters=meters, duration=30, count=3_000_000),

@@ -14,6 +14,10 @@ import psycopg
 from .services import MOSQUITTO, Services
 
 TARGET_RATE = 20_000
+# offered in the sustained runs: 5 % above the target, because the rate is messages over first publish →
+# last commit; offered exactly 20,000 for 60 s, a bridge that keeps up still ends under it by its drain
+# time (1.2 M messages over 60.4 s = 19,868 msg/s), so the target could never read as met
+SUSTAINED_OFFER = 21_000
 TARGET_P50_MS = 50
 TARGET_P99_MS = 250
 TARGET_RSS_MB = 250
@@ -310,8 +314,8 @@ def _side_by_side(out: dict[str, Any]) -> list[str]:
         ("overload", "our bridge, 1 process, publishers unpaced (its maximum)"),
         ("shared", "our bridge, 2 processes on $share, publishers unpaced"),
         ("partitioned", "our bridge, 2 processes partitioned by device (BRIDGE_PARTITION), publishers unpaced"),
-        ("sustained", "our bridge, offered 20,000 msg/s"),
-        ("sustained2", "our bridge, 2 processes partitioned by device, offered 20,000 msg/s"),
+        ("sustained", f"our bridge, offered {SUSTAINED_OFFER:,} msg/s"),
+        ("sustained2", f"our bridge, 2 processes partitioned by device, offered {SUSTAINED_OFFER:,} msg/s"),
         ("latency", "our bridge, offered 5,000 msg/s"),
         ("latency2", "our bridge, 2 processes partitioned by device, offered 5,000 msg/s"),
         ("latency1k", "our bridge, offered 1,000 msg/s"),
