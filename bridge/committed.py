@@ -24,20 +24,22 @@ from .telemetry import (
 )
 
 TOPIC = "telemetry/committed"
-# a meter reading's data fields in the contract's names, in MeterReading's order after (meter_id, ts)
-METER_FIELDS = ("totalPowerKw", "kwhConsumedAc", "energyTotalKwh", "voltage", "current", "frequency", "powerFactor")
+# a meter reading's data fields in the contract's names; the order is MeterReading's own (a field added
+# there without a name here fails at import), so the note's columns are a plain transpose
+_METER_NAMES = {
+    "power_kw": "totalPowerKw",
+    "kwh_consumed_ac": "kwhConsumedAc",
+    "energy_total_kwh": "energyTotalKwh",
+    "voltage": "voltage",
+    "current": "current",
+    "frequency": "frequency",
+    "power_factor": "powerFactor",
+}
+METER_FIELDS = tuple(_METER_NAMES[f] for f in MeterReading._fields[2:])
 
 
 def _meter_data(rec: MeterReading) -> dict[str, Any]:
-    return {
-        "totalPowerKw": rec.power_kw,
-        "kwhConsumedAc": rec.kwh_consumed_ac,
-        "energyTotalKwh": rec.energy_total_kwh,
-        "voltage": rec.voltage,
-        "current": rec.current,
-        "frequency": rec.frequency,
-        "powerFactor": rec.power_factor,
-    }
+    return dict(zip(METER_FIELDS, rec[2:], strict=True))
 
 
 def record_json(rec: Any) -> dict[str, Any]:
@@ -115,11 +117,11 @@ def records(note: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if not isinstance(block, dict):
         return
     ids, stamps = block.get("deviceId"), block.get("ts")
-    cols = [block.get(name) for name in METER_FIELDS]
+    cols: list[Any] = [block.get(name) for name in METER_FIELDS]
     if not isinstance(ids, list) or not isinstance(stamps, list) or len(stamps) != len(ids):
         return
     if not all(isinstance(col, list) and len(col) == len(ids) for col in cols):
         return
     for i, device_id in enumerate(ids):
-        data = {name: col[i] for name, col in zip(METER_FIELDS, cols, strict=True)}  # type: ignore[index]
+        data = {name: col[i] for name, col in zip(METER_FIELDS, cols, strict=True)}
         yield {"kind": "meter", "deviceId": device_id, "type": "reading", "ts": stamps[i], "data": data}
