@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         partitioned=mode in ("partitioned", "latency2", "sustained2"),
                         backlog_limit=plan["backlog_limit"],
                         drain_timeout=plan["drain_timeout"],
-                        profile_seconds=plan["profile_seconds"] if mode == "overload" else 0.0,
+                        profile_seconds=plan["profile_seconds"] if mode in args.profile.split(",") else 0.0,
                         db_url=shared_db,
                         bridge_cmd=bridge_cmd,
                     )
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meters", type=int, default=10_000, help="meters in the simulated fleet (default 10000)")
     p.add_argument("--api-readings", type=int, default=10_000_000, help="readings stored for the API load")
     p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument("--profile", default="overload", help="ingest modes to profile (py-spy, pg_stat_statements)")
     p.add_argument("--results", default=str(RESULTS), help="markdown report (default bench/RESULTS.md)")
     p.add_argument("--no-results", action="store_true", help="do not write the markdown report")
     p.add_argument("--mqtt-url", default=os.environ.get("BENCH_MQTT_URL"), help="use this broker instead of our own")

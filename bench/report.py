@@ -509,10 +509,15 @@ def _ws(out: dict[str, Any]) -> list[str]:
 
 
 def _profile(out: dict[str, Any]) -> list[str]:
-    prof = next((r["profile"] for r in out.get("ingest", []) if r.get("profile")), None)
-    if not prof:
-        return []
-    lines = ["## Profile of the bridge (overload run)", ""]
+    lines: list[str] = []
+    for run in out.get("ingest", []):
+        if run.get("profile"):
+            lines += _run_profile(run["name"], run["profile"])
+    return lines
+
+
+def _run_profile(name: str, prof: dict[str, Any]) -> list[str]:
+    lines = [f"## Profile of the bridge ({name} run)", ""]
     if prof.get("error"):
         return [*lines, f"py-spy: {prof['error']}", ""]
     lines += [
@@ -532,7 +537,7 @@ def _profile(out: dict[str, Any]) -> list[str]:
     stmts = prof.get("statements") or []
     if stmts and "error" not in stmts[0]:
         lines += [
-            "Database time by statement (pg_stat_statements, the whole overload run):",
+            f"Database time by statement (pg_stat_statements, the whole {name} run):",
             "",
             "| calls | total ms | mean ms | rows | statement |",
             "|---:|---:|---:|---:|---|",

@@ -245,21 +245,24 @@ def extend(last: Last, new: Sequence[Point]) -> Outcome:
 
 
 def merge(
-    before: Sequence[Point], stored: Iterable[Point], new: Iterable[Point], after: Sequence[Point] = ()
+    before: Sequence[Point], stored: Sequence[Point], new: Iterable[Point], after: Sequence[Point] = ()
 ) -> Outcome:
     """Readings whose neighbours come from the database (first sight of a meter, late or repeated data).
 
     `before`: up to two stored readings preceding the batch, oldest first (the newest is the first new
     reading's predecessor, the other decides how that one was counted); `stored`: stored readings within
-    the batch's time range; `after`: up to two stored readings past it, oldest first. The batch's
-    readings and those after it get their pieces (again); the ones before keep theirs.
+    the batch's time range; `after`: up to two stored readings past it, oldest first (all three read
+    before the batch is stored). The batch's readings and those after it get their pieces (again); the
+    ones before keep theirs. `replace` names the stored ones among them: a new reading has no pieces yet.
     """
     by_ts = {p.ts: p for p in new}
+    old = {p.ts for p in stored}
     by_ts.update({p.ts: p for p in stored})  # what is stored wins: a repeat is stored once
     seq = [*before, *(by_ts[t] for t in sorted(by_ts)), *after]
     out: list[Piece] = []
     replace: list[datetime] = []
     methods: list[Method] = []
+    first_after = len(seq) - len(after)
     for i, cur in enumerate(seq):
         prev = seq[i - 1] if i else None
         method = method_of(prev, cur)
@@ -267,6 +270,7 @@ def merge(
         if i < len(before):
             continue
         out.extend(stored_pieces(prev, methods[i - 1] if i else None, cur, method))
-        replace.append(cur.ts)
+        if i >= first_after or cur.ts in old:
+            replace.append(cur.ts)
     last = None if after else Last(seq[-1], methods[-1])
     return Outcome(out, replace, last)

@@ -64,19 +64,39 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+# A meter's energy context, read before the batch's readings are inserted (so what it finds is stored by
+# others). Usually every new reading is newer than the meter's newest stored one: then that reading (from
+# `meter_latest`, one key lookup) and, for a register, the one before it (whether that had a register
+# decides how the newest was counted) are all there is to know ('l', 'p'). Otherwise, or when the newest
+# is older than a day (retention may have dropped it from the readings, which the long way would not
+# see) or unknown: the two readings before the batch, those within its range, and two after ('b', 'm', 'a').
 _ENERGY_CONTEXT = """
-WITH req AS (SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[]) AS r(meter_id, lo, hi))
+WITH req AS MATERIALIZED (
+    SELECT r.meter_id, r.lo, r.hi, l.ts, l.power_kw, l.kwh_consumed_ac, l.energy_total_kwh,
+           coalesce(l.ts < r.lo AND l.ts > r.lo - interval '1 day', false) AS newer
+    FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[]) AS r(meter_id, lo, hi)
+    LEFT JOIN meter_latest l USING (meter_id))
+SELECT 'l', meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM req WHERE newer
+UNION ALL
+SELECT 'p', x.* FROM req CROSS JOIN LATERAL (
+    SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
+    WHERE m.meter_id = req.meter_id AND m.ts < req.ts ORDER BY m.ts DESC LIMIT 1) x
+WHERE req.newer AND req.energy_total_kwh IS NOT NULL
+UNION ALL
 SELECT 'b', x.* FROM req CROSS JOIN LATERAL (
     SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
     WHERE m.meter_id = req.meter_id AND m.ts < req.lo ORDER BY m.ts DESC LIMIT 2) x
+WHERE NOT req.newer
 UNION ALL
 SELECT 'm', x.* FROM req CROSS JOIN LATERAL (
     SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
     WHERE m.meter_id = req.meter_id AND m.ts BETWEEN req.lo AND req.hi) x
+WHERE NOT req.newer
 UNION ALL
 SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
     SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
     WHERE m.meter_id = req.meter_id AND m.ts > req.hi ORDER BY m.ts LIMIT 2) x
+WHERE NOT req.newer
 """
 
 
@@ -234,9 +254,10 @@ class Writer:
         late_meters: list[tuple[str, datetime]] = []
         late_vehicles: list[tuple[str, datetime]] = []
         if meters:
+            outcomes = await self._energy_outcomes(cur, meters)  # before the insert: what others stored
             stored = await self._meters(cur, meters)
             new_keys = stored.keys
-            cache, late_meters = await self._energy(cur, meters, closing)
+            cache, late_meters = await self._energy(cur, outcomes, closing)
         if vehicles:
             new_keys |= await self._vehicles(cur, vehicles)
             late_vehicles = [(r.vehicle_id, rollups.hour_of(r.ts)) for r in vehicles if r.ts < closing]
@@ -339,11 +360,10 @@ class Writer:
             return Stored(all_meters=True, meters=rows)
         return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)})
 
-    async def _energy(
-        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], closing: datetime
-    ) -> tuple[dict[str, energy.Last], list[tuple[str, datetime]]]:
-        """Energy pieces of the readings; (the cache of each meter's newest hold, the rolled-up device-hours
-        whose pieces changed)."""
+    async def _energy_outcomes(
+        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]
+    ) -> dict[str, energy.Outcome]:
+        """Energy pieces of the readings, per meter; runs before they are inserted."""
         # lists, not dicts by time: hashing an aware datetime calls utcoffset(), and most meters have one
         by_meter: dict[str, list[energy.Point]] = {}
         Point = energy.Point
@@ -370,24 +390,41 @@ class Writer:
                 outcomes[meter_id] = energy.extend(last, ordered)
             else:
                 lookup[meter_id] = ordered
-        if lookup:
-            wanted = list(lookup)
-            await cur.execute(
-                _ENERGY_CONTEXT,
-                (
-                    Texts(wanted),
-                    Stamps([lookup[m][0].ts for m in wanted]),
-                    Stamps([lookup[m][-1].ts for m in wanted]),
-                ),
-            )
-            found: dict[str, dict[str, list[energy.Point]]] = defaultdict(lambda: defaultdict(list))
-            for where, meter_id, ts, power, interval, register in await cur.fetchall():
-                found[meter_id][where].append(energy.Point(ts, power, interval, register))
-            for meter_id, new in lookup.items():
-                ctx = found[meter_id]
-                before = sorted(ctx["b"], key=lambda p: p.ts)
-                after = sorted(ctx["a"], key=lambda p: p.ts)
-                outcomes[meter_id] = energy.merge(before, ctx["m"], new, after)
+        if not lookup:
+            return outcomes
+        wanted = list(lookup)
+        await cur.execute(
+            _ENERGY_CONTEXT,
+            (Texts(wanted), Stamps([lookup[m][0].ts for m in wanted]), Stamps([lookup[m][-1].ts for m in wanted])),
+        )
+        newest: dict[str, energy.Point] = {}
+        before_newest: dict[str, energy.Point] = {}
+        found: dict[str, dict[str, list[energy.Point]]] = defaultdict(lambda: defaultdict(list))
+        for where, meter_id, ts, power, interval, register in await cur.fetchall():
+            point = Point(ts, power, interval, register)
+            if where == "l":
+                newest[meter_id] = point
+            elif where == "p":
+                before_newest[meter_id] = point
+            else:
+                found[meter_id][where].append(point)
+        for meter_id, new in lookup.items():
+            latest = newest.get(meter_id)
+            if latest is not None:  # the batch follows the newest stored reading
+                method = energy.method_of(before_newest.get(meter_id), latest)
+                outcomes[meter_id] = energy.extend(energy.Last(latest, method), new)
+                continue
+            ctx = found[meter_id]
+            before = sorted(ctx["b"], key=lambda p: p.ts)
+            after = sorted(ctx["a"], key=lambda p: p.ts)
+            outcomes[meter_id] = energy.merge(before, ctx["m"], new, after)
+        return outcomes
+
+    async def _energy(
+        self, cur: psycopg.AsyncCursor[Any], outcomes: dict[str, energy.Outcome], closing: datetime
+    ) -> tuple[dict[str, energy.Last], list[tuple[str, datetime]]]:
+        """Store the pieces; (the cache of each meter's newest hold, the rolled-up device-hours whose pieces
+        changed)."""
         # the columns of the pieces, built directly: a meter's pieces have distinct (source, block) keys
         # by construction (one reading per source time, one piece per block), so no row repeats
         ids: list[str] = []

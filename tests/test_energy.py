@@ -95,7 +95,8 @@ def test_late_reading_recomputes_neighbours() -> None:
     out = merge([stored[0]], [], [power(2, 0.0)], [stored[1]])
     t = totals(merge([], [], stored).pieces + out.pieces)
     assert t[T0] == pytest.approx(60 * 2 / 60)
-    assert set(out.replace) == {power(2).ts, stored[1].ts}  # the predecessor's pieces stay as stored
+    # the predecessor's pieces stay as stored; the new reading has none to delete
+    assert set(out.replace) == {stored[1].ts}
 
 
 def test_block_start_aligns_to_half_hours() -> None:
