@@ -639,13 +639,18 @@ class AlertEngine:
         """Raise and resolve what the batch just stored shows; returns the announcements."""
         staged = await self._begin(cur)
         now = datetime.now(UTC)
-        # with a shared subscription another bridge may have raised what a quiet reading would resolve
-        quiet = None if self._shared else Quiet(staged.snapshot, staged.active_devices())
+        loaded: set[str] = set()
+        if self._shared:
+            # with a shared subscription another bridge may have raised what a quiet reading would
+            # resolve: the batch's devices' active alerts are read first, then quiet is judged on them
+            loaded = {item.device_id for item in items if item.device_id is not None}
+            await self._load_active(cur, staged, loaded)
+        quiet = Quiet(staged.snapshot, staged.active_devices())
         found = observations(items, stored, quiet) + status_observations(status_changes, now)
         efficiency = await self._efficiency(cur, staged, items, stored, now)
         found += efficiency
         if self._shared:
-            await self._load_active(cur, staged, {o.device_id for o in found})
+            await self._load_active(cur, staged, {o.device_id for o in found} - loaded)
         elif efficiency:
             # a vehicle's efficiency is judged by whichever writer (BRIDGE_WRITERS) stored its meter's or its
             # own data, and each writer caches only what it raised or resolved itself: ask the database

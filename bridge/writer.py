@@ -100,6 +100,48 @@ WHERE NOT req.newer
 """
 
 
+# the readings, and what they stored; with {latest}, meter_latest from the newest of those in the same
+# statement (one round trip; a repeat is never newer than what its first storing put there)
+_INSERT_METERS = """
+WITH ins AS (
+    INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
+                                frequency, power_factor)
+    SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[], %b::float8[],
+                         %b::float8[], %b::float8[], %b::float8[])
+    ON CONFLICT DO NOTHING
+    RETURNING meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current, frequency,
+              power_factor){latest}
+SELECT count(*)::int4,
+       CASE WHEN count(*) < %b::int4 THEN array_agg(meter_id) END,
+       CASE WHEN count(*) < %b::int4 THEN array_agg(ts) END
+FROM ins
+"""
+
+_METER_LATEST_FROM_INS = """,
+latest AS (
+    INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
+                                   frequency, power_factor)
+    SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC
+    ON CONFLICT (meter_id) DO UPDATE SET
+        ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
+        energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
+        frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now()
+    WHERE EXCLUDED.ts >= l.ts)"""
+
+# the same from readings passed as columns (shared mode: written in the meters' turn, after the insert)
+_UPSERT_METER_LATEST = """
+INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
+                               frequency, power_factor)
+SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[], %b::float8[],
+                     %b::float8[], %b::float8[], %b::float8[])
+ON CONFLICT (meter_id) DO UPDATE SET
+    ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
+    energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
+    frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now()
+WHERE EXCLUDED.ts >= l.ts
+"""
+
+
 _MATCH_COMMANDS = """
 WITH v AS (SELECT * FROM unnest(%b::int[], %b::text[], %b::text[], %b::text[], %b::text[])
            AS v(i, device_id, match, status, result)),
@@ -234,13 +276,6 @@ class Writer:
             address = _json(item.address) if item.address is not None else None
             devices[item.device_id] = (item.kind, item.received_at, status, address)
 
-        if self._shared and meters:
-            # several bridges share the subscription: serialize batches per meter, so each sees the
-            # other's committed neighbours when it computes energy pieces (sorted: no deadlocks)
-            await cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%b::text[]) AS m ORDER BY m) s",
-                ([r.meter_id for r in meters],),
-            )
         now = time.monotonic()
         # last_seen to the second is enough: a device written moments ago with the same status is not
         # rewritten (thousands of row updates per batch otherwise)
@@ -254,8 +289,23 @@ class Writer:
         late_meters: list[tuple[str, datetime]] = []
         late_vehicles: list[tuple[str, datetime]] = []
         if meters:
-            outcomes = await self._energy_outcomes(cur, meters)  # before the insert: what others stored
-            stored = await self._meters(cur, meters)
+            if self._shared:
+                # several bridges share the subscription, so a meter's readings are split between them:
+                # the readings go in side by side, then each batch takes its meters in turn (sorted: no
+                # deadlocks) and computes their energy with what the others committed before it in view;
+                # whoever goes later sees what went earlier. meter_latest is written in that turn too,
+                # so it stays the newest reading the batch's energy context has seen
+                stored = await self._meters(cur, meters, latest=False)
+                await cur.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%b::text[]) AS m "
+                    "ORDER BY m) s",
+                    ([r.meter_id for r in meters],),
+                )
+                outcomes = await self._energy_outcomes(cur, meters, inserted=stored)
+                await self._meter_latest(cur, meters, stored)
+            else:
+                outcomes = await self._energy_outcomes(cur, meters)  # before the insert: what others stored
+                stored = await self._meters(cur, meters)
             new_keys = stored.keys
             cache, late_meters = await self._energy(cur, outcomes, closing)
         if vehicles:
@@ -304,6 +354,7 @@ class Writer:
             SELECT device_id, kind, status, seen, seen, seen,
                    CASE WHEN adapter IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('adapter', adapter::jsonb) END
             FROM v
+            ORDER BY device_id  -- rows locked in one order: bridges sharing a subscription cannot deadlock here
             ON CONFLICT (device_id) DO UPDATE SET
                 last_seen = greatest(d.last_seen, EXCLUDED.last_seen),
                 status = EXCLUDED.status,
@@ -321,34 +372,11 @@ class Writer:
         )
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
-    async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> Stored:
+    async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], latest: bool = True) -> Stored:
         # the latest state from what this statement inserted, in the same round trip: a repeat is never
         # newer than what its first storing already put in meter_latest
         await cur.execute(
-            """
-            WITH ins AS (
-                INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
-                                            current, frequency, power_factor)
-                SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[],
-                                     %b::float8[], %b::float8[], %b::float8[], %b::float8[])
-                ON CONFLICT DO NOTHING
-                RETURNING meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current, frequency,
-                          power_factor),
-            latest AS (
-                INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage,
-                                               current, frequency, power_factor)
-                SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC
-                ON CONFLICT (meter_id) DO UPDATE SET
-                    ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
-                    energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage,
-                    current = EXCLUDED.current, frequency = EXCLUDED.frequency,
-                    power_factor = EXCLUDED.power_factor, updated_at = now()
-                WHERE EXCLUDED.ts >= l.ts)
-            SELECT count(*)::int4,
-                   CASE WHEN count(*) < %b::int4 THEN array_agg(meter_id) END,
-                   CASE WHEN count(*) < %b::int4 THEN array_agg(ts) END
-            FROM ins
-            """,
+            _INSERT_METERS.format(latest=_METER_LATEST_FROM_INS if latest else ""),
             (*columns([_meter_row(r) for r in rows], _METER_KINDS), len(rows), len(rows)),
             binary=True,  # timestamps come back parsed in C, not from text
         )
@@ -360,10 +388,18 @@ class Writer:
             return Stored(all_meters=True, meters=rows)
         return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)})
 
+    async def _meter_latest(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], stored: Stored) -> None:
+        """meter_latest from the readings this batch inserted (a repeat is never newer than its first storing)."""
+        inserted = rows if stored.all_meters else [r for r in rows if stored.meter(r.meter_id, r.ts)]
+        if inserted:
+            newest = _newest(inserted, key=lambda r: r.meter_id)
+            await cur.execute(_UPSERT_METER_LATEST, columns([_meter_row(r) for r in newest], _METER_KINDS))
+
     async def _energy_outcomes(
-        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]
+        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], inserted: Stored | None = None
     ) -> dict[str, energy.Outcome]:
-        """Energy pieces of the readings, per meter; runs before they are inserted."""
+        """Energy pieces of the readings, per meter; runs before they are inserted, or after, given what
+        the insert stored (`inserted`: those readings are new, not stored ones with pieces to replace)."""
         # lists, not dicts by time: hashing an aware datetime calls utcoffset(), and most meters have one
         by_meter: dict[str, list[energy.Point]] = {}
         Point = energy.Point
@@ -406,6 +442,13 @@ class Writer:
                 newest[meter_id] = point
             elif where == "p":
                 before_newest[meter_id] = point
+            elif (
+                where == "m"
+                and inserted is not None
+                and inserted.meter(meter_id, ts)
+                and any(p.ts == ts for p in lookup[meter_id])
+            ):
+                continue  # one of the batch's own, inserted just before
             else:
                 found[meter_id][where].append(point)
         for meter_id, new in lookup.items():

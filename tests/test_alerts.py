@@ -606,3 +606,25 @@ async def test_shared_subscription_bridges_keep_one_alert_state(
         await stored(apache_url, "pump_status", "device_id", pump, i)
     ground = [a[2:5] for a in alerts_of(apache_url, pump) if a[1] == "ground_tank"]
     assert ground == [("resolved", 10.0, 50.0)] * 3
+
+
+async def test_shared_writers_resolve_what_the_other_raised_on_a_quiet_reading(apache_url: str) -> None:
+    """On a shared subscription, a meter's in-band reading resolves the alert another bridge raised."""
+    from bridge.db import Database
+    from bridge.writer import Writer
+
+    from .test_aggregates import messages
+
+    meter, other = unique("m-shared-quiet"), unique("m-shared-quiet")
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    volts = [190.0, 231.0, 190.0, 231.0]
+    async with Database(apache_url) as a, Database(apache_url) as b:
+        writers = [Writer(db, shared=True, alerts=AlertEngine(shared=True)) for db in (a, b)]
+        for i in range(4):  # each engine's first two batches load every active alert: past those, it trusts its cache
+            ts = (start - timedelta(seconds=10 - i)).isoformat()
+            await writers[i % 2].write(messages([(f"meters/{other}/reading", {"voltage": 230.0, "timestamp": ts})]))
+        for i, v in enumerate(volts):  # alternating, as the broker hands a shared subscription's messages out
+            ts = (start + timedelta(seconds=i)).isoformat()
+            await writers[i % 2].write(messages([(f"meters/{meter}/reading", {"voltage": v, "timestamp": ts})]))
+    rows = [a[2:5] for a in alerts_of(apache_url, meter) if a[0] == "voltage_out_of_range"]
+    assert rows == [("resolved", 190.0, 231.0)] * 2
