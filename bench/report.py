@@ -361,7 +361,7 @@ def _ingest_table(out: dict[str, Any]) -> list[str]:
         "| run | offered | published | publish/s | committed/s | lag after last publish | latency (note) | "
         "latency (txn start) | rows/s per second min / median | bridge RSS max (all bridges) | bridge held max "
         "| broker RSS max | lost | doubled "
-        "| extra | redelivered | publishers stopped at backlog limit |",
+        "| extra | redelivered | publishers at the backlog limit |",
         "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
@@ -378,7 +378,7 @@ def _ingest_table(out: dict[str, Any]) -> list[str]:
             f"{_f(r['rss_mb'].get('max'))} MB | {_f(r.get('pending_max') or None)} | "
             f"{_f(r['broker_rss_mb'].get('max'))} MB | {r['lost']} | "
             f"{r['doubled']} | "
-            f"{r['extra']} | {_f(r['redelivered'])} | {'yes' if r['stopped_early'] else 'no'}"
+            f"{r['extra']} | {_f(r['redelivered'])} | {_limit(r)}"
             f"{' TIMED OUT' if r['timed_out'] else ''}{' ' + r['error'] if r.get('error') else ''} |"
         )
     lines.append("")
@@ -506,6 +506,14 @@ def _ws(out: dict[str, Any]) -> list[str]:
     if ws.get("other"):
         lines += [f"Other messages: {ws['other']}", ""]
     return lines
+
+
+def _limit(run: dict[str, Any]) -> str:
+    if run["stopped_early"]:
+        return "stopped"
+    if run.get("pauses"):
+        return f"held: paused {run['pauses']}x"
+    return "never reached"
 
 
 def _profile(out: dict[str, Any]) -> list[str]:
