@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -159,6 +159,14 @@ RETURNING pick.i, c.command_id
 """
 
 
+class _Context(NamedTuple):
+    """What `_ENERGY_CONTEXT` found, per meter."""
+
+    newest: dict[str, energy.Point]  # the newest stored reading, when the batch follows it
+    before_newest: dict[str, energy.Point]  # the one before that, for a register
+    found: dict[str, dict[str, list[energy.Point]]]  # otherwise: 'b'efore, 'm'iddle, 'a'fter the batch
+
+
 _METER_KINDS = "tsfffffff"
 _COUNTERS = ["messages_received", "messages_stored", "dead_letters"]
 
@@ -301,11 +309,13 @@ class Writer:
                     "ORDER BY m) s",
                     ([r.meter_id for r in meters],),
                 )
-                outcomes = await self._energy_outcomes(cur, meters, inserted=stored)
+                ctx = await self._energy_context(cur, meters, inserted=stored)
                 await self._meter_latest(cur, meters, stored)
             else:
-                outcomes = await self._energy_outcomes(cur, meters)  # before the insert: what others stored
+                ctx = await self._energy_context(cur, meters)  # before the insert: what others stored
                 stored = await self._meters(cur, meters)
+            # the pieces after the insert: their Python runs while the other writers' statements do
+            outcomes = self._energy_outcomes(meters, ctx)
             new_keys = stored.keys
             cache, late_meters = await self._energy(cur, outcomes, closing)
         if vehicles:
@@ -395,11 +405,46 @@ class Writer:
             newest = _newest(inserted, key=lambda r: r.meter_id)
             await cur.execute(_UPSERT_METER_LATEST, columns([_meter_row(r) for r in newest], _METER_KINDS))
 
-    async def _energy_outcomes(
+    async def _energy_context(
         self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], inserted: Stored | None = None
-    ) -> dict[str, energy.Outcome]:
-        """Energy pieces of the readings, per meter; runs before they are inserted, or after, given what
-        the insert stored (`inserted`: those readings are new, not stored ones with pieces to replace)."""
+    ) -> _Context | None:
+        """The stored neighbours of the meters the cache cannot serve (None: it serves them all). Read
+        before the readings are inserted, or after, given what the insert stored (`inserted`: those are
+        the batch's own, new readings, not stored ones whose pieces must be replaced)."""
+        cached = {} if self._shared else self._last
+        misses = set()
+        for r in rows:
+            last = cached.get(r.meter_id)
+            if last is None or r.ts <= last.point.ts:
+                misses.add(r.meter_id)
+        if not misses:
+            return None
+        spans: dict[str, list[datetime]] = {}
+        for r in rows:
+            if r.meter_id in misses:
+                spans.setdefault(r.meter_id, []).append(r.ts)
+        wanted = list(spans)
+        await cur.execute(
+            _ENERGY_CONTEXT,
+            (Texts(wanted), Stamps([min(spans[m]) for m in wanted]), Stamps([max(spans[m]) for m in wanted])),
+            binary=True,  # timestamps come back parsed in C, not from text
+        )
+        ctx = _Context({}, {}, defaultdict(lambda: defaultdict(list)))
+        Point = energy.Point
+        for where, meter_id, ts, power, interval, register in await cur.fetchall():
+            point = Point(ts, power, interval, register)
+            if where == "l":
+                ctx.newest[meter_id] = point
+            elif where == "p":
+                ctx.before_newest[meter_id] = point
+            elif where == "m" and inserted is not None and inserted.meter(meter_id, ts) and ts in spans[meter_id]:
+                continue  # one of the batch's own, inserted just before
+            else:
+                ctx.found[meter_id][where].append(point)
+        return ctx
+
+    def _energy_outcomes(self, rows: list[MeterReading], ctx: _Context | None) -> dict[str, energy.Outcome]:
+        """Energy pieces of the readings, per meter: after the cached newest reading, or from `ctx`."""
         # lists, not dicts by time: hashing an aware datetime calls utcoffset(), and most meters have one
         by_meter: dict[str, list[energy.Point]] = {}
         Point = energy.Point
@@ -411,7 +456,6 @@ class Writer:
             else:
                 points.append(point)
         outcomes: dict[str, energy.Outcome] = {}
-        lookup: dict[str, list[energy.Point]] = {}
         cached = {} if self._shared else self._last
         for meter_id, points in by_meter.items():
             if len(points) == 1:
@@ -424,43 +468,17 @@ class Writer:
             last = cached.get(meter_id)
             if last is not None and ordered[0].ts > last.point.ts:
                 outcomes[meter_id] = energy.extend(last, ordered)
-            else:
-                lookup[meter_id] = ordered
-        if not lookup:
-            return outcomes
-        wanted = list(lookup)
-        await cur.execute(
-            _ENERGY_CONTEXT,
-            (Texts(wanted), Stamps([lookup[m][0].ts for m in wanted]), Stamps([lookup[m][-1].ts for m in wanted])),
-        )
-        newest: dict[str, energy.Point] = {}
-        before_newest: dict[str, energy.Point] = {}
-        found: dict[str, dict[str, list[energy.Point]]] = defaultdict(lambda: defaultdict(list))
-        for where, meter_id, ts, power, interval, register in await cur.fetchall():
-            point = Point(ts, power, interval, register)
-            if where == "l":
-                newest[meter_id] = point
-            elif where == "p":
-                before_newest[meter_id] = point
-            elif (
-                where == "m"
-                and inserted is not None
-                and inserted.meter(meter_id, ts)
-                and any(p.ts == ts for p in lookup[meter_id])
-            ):
-                continue  # one of the batch's own, inserted just before
-            else:
-                found[meter_id][where].append(point)
-        for meter_id, new in lookup.items():
-            latest = newest.get(meter_id)
-            if latest is not None:  # the batch follows the newest stored reading
-                method = energy.method_of(before_newest.get(meter_id), latest)
-                outcomes[meter_id] = energy.extend(energy.Last(latest, method), new)
                 continue
-            ctx = found[meter_id]
-            before = sorted(ctx["b"], key=lambda p: p.ts)
-            after = sorted(ctx["a"], key=lambda p: p.ts)
-            outcomes[meter_id] = energy.merge(before, ctx["m"], new, after)
+            assert ctx is not None, "a meter the cache cannot serve was not looked up"
+            latest = ctx.newest.get(meter_id)
+            if latest is not None:  # the batch follows the newest stored reading
+                method = energy.method_of(ctx.before_newest.get(meter_id), latest)
+                outcomes[meter_id] = energy.extend(energy.Last(latest, method), ordered)
+                continue
+            found = ctx.found[meter_id]
+            before = sorted(found["b"], key=lambda p: p.ts)
+            after = sorted(found["a"], key=lambda p: p.ts)
+            outcomes[meter_id] = energy.merge(before, found["m"], ordered, after)
         return outcomes
 
     async def _energy(
