@@ -401,10 +401,10 @@ def _watch_publishers(
     try:
         while any(p.poll() is None for p in pubs) and time.time() < deadline:
             backlog = _published_so_far(progress) - counter.fast() if backlog_limit else 0
-            if hold and paused and backlog < backlog_limit // 2:
+            if paused and backlog < backlog_limit // 2:
                 _signal(pubs, signal.SIGCONT)
                 paused = False
-            elif backlog_limit and backlog > backlog_limit and not paused:
+            elif backlog > backlog_limit and not paused:
                 if not hold:
                     _signal(pubs, signal.SIGTERM)
                     return True, pauses

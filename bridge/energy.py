@@ -245,7 +245,7 @@ def extend(last: Last, new: Sequence[Point]) -> Outcome:
 
 
 def merge(
-    before: Sequence[Point], stored: Sequence[Point], new: Iterable[Point], after: Sequence[Point] = ()
+    before: Sequence[Point], stored: Iterable[Point], new: Iterable[Point], after: Sequence[Point] = ()
 ) -> Outcome:
     """Readings whose neighbours come from the database (first sight of a meter, late or repeated data).
 
@@ -256,8 +256,8 @@ def merge(
     ones before keep theirs. `replace` names the stored ones among them: a new reading has no pieces yet.
     """
     by_ts = {p.ts: p for p in new}
-    old = {p.ts for p in stored}
-    by_ts.update({p.ts: p for p in stored})  # what is stored wins: a repeat is stored once
+    old = {p.ts: p for p in stored}
+    by_ts.update(old)  # what is stored wins: a repeat is stored once
     seq = [*before, *(by_ts[t] for t in sorted(by_ts)), *after]
     out: list[Piece] = []
     replace: list[datetime] = []

@@ -65,11 +65,12 @@ def _json(value: Any) -> str:
 
 
 # A meter's energy context, read before the batch's readings are inserted (so what it finds is stored by
-# others). Usually every new reading is newer than the meter's newest stored one: then that reading (from
-# `meter_latest`, one key lookup) and, for a register, the one before it (whether that had a register
-# decides how the newest was counted) are all there is to know ('l', 'p'). Otherwise, or when the newest
-# is older than a day (retention may have dropped it from the readings, which the long way would not
-# see) or unknown: the two readings before the batch, those within its range, and two after ('b', 'm', 'a').
+# others; in shared mode after, and the batch's own rows are set aside). Usually every new reading is newer
+# than the meter's newest stored one: then that reading (from `meter_latest`, one key lookup) and, for a
+# register, the one before it (whether that had a register decides how the newest was counted) are all
+# there is to know ('l', 'p'). Otherwise, or when the newest is older than a day (retention may have
+# dropped it from the readings, which the long way would not see) or unknown: the two readings before
+# the batch, those within its range, and two after ('b', 'm', 'a').
 _ENERGY_CONTEXT = """
 WITH req AS MATERIALIZED (
     SELECT r.meter_id, r.lo, r.hi, l.ts, l.power_kw, l.kwh_consumed_ac, l.energy_total_kwh,
@@ -100,8 +101,8 @@ WHERE NOT req.newer
 """
 
 
-# the readings, and what they stored; with {latest}, meter_latest from the newest of those in the same
-# statement (one round trip; a repeat is never newer than what its first storing put there)
+# the readings, and what they stored; {latest}: meter_latest from the newest of those, or nothing (a repeat
+# is never newer than what its first storing put there)
 _INSERT_METERS = """
 WITH ins AS (
     INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
@@ -117,29 +118,25 @@ SELECT count(*)::int4,
 FROM ins
 """
 
-_METER_LATEST_FROM_INS = """,
-latest AS (
-    INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
-                                   frequency, power_factor)
-    SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC
-    ON CONFLICT (meter_id) DO UPDATE SET
-        ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
-        energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
-        frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now()
-    WHERE EXCLUDED.ts >= l.ts)"""
-
-# the same from readings passed as columns (shared mode: written in the meters' turn, after the insert)
-_UPSERT_METER_LATEST = """
+# meter_latest keeps the newest reading whichever write comes first; both forms below end with it
+_LATEST_UPSERT = """
 INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
                                frequency, power_factor)
-SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[], %b::float8[],
-                     %b::float8[], %b::float8[], %b::float8[])
+{rows}
 ON CONFLICT (meter_id) DO UPDATE SET
     ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
     energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
     frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now()
-WHERE EXCLUDED.ts >= l.ts
-"""
+WHERE EXCLUDED.ts >= l.ts"""
+# from the insert's RETURNING, in the same statement (one round trip)
+_METER_LATEST_FROM_INS = ",\nlatest AS ({})".format(
+    _LATEST_UPSERT.format(rows="SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC")
+)
+# from readings passed as columns (shared mode: written in the meters' turn, after the insert)
+_UPSERT_METER_LATEST = _LATEST_UPSERT.format(
+    rows="SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[], "
+    "%b::float8[], %b::float8[], %b::float8[], %b::float8[])"
+)
 
 
 _MATCH_COMMANDS = """
@@ -383,8 +380,6 @@ class Writer:
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
     async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], latest: bool = True) -> Stored:
-        # the latest state from what this statement inserted, in the same round trip: a repeat is never
-        # newer than what its first storing already put in meter_latest
         await cur.execute(
             _INSERT_METERS.format(latest=_METER_LATEST_FROM_INS if latest else ""),
             (*columns([_meter_row(r) for r in rows], _METER_KINDS), len(rows), len(rows)),
