@@ -21,7 +21,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
 KEEPALIVE_S = 30
+_TICK = timedelta(microseconds=1)
 READ_SIZE = 256 * 1024
 # CONNACK codes that mean "this broker does not speak MQTT 5": 3.1.1's 1 and MQTT 5's 0x84
 _UNSUPPORTED_PROTOCOL = {1, 0x84}
@@ -345,8 +346,12 @@ class MqttIngress:
         dropped: list[int] = []
         arrived: list[int] = []
         partition = self._settings.partition
-        received = datetime.now(UTC)  # these came in one read from the socket
+        received = datetime.now(UTC)  # these came in one read from the socket: one clock read for all
+        tick = _TICK
         for raw_topic, payload, qos, retain, pid in publishes:
+            # each a microsecond after the one before, in arrival order: a payload without a timestamp is
+            # stamped with its arrival, and two of one device's in one read would otherwise be one row
+            received += tick
             if qos:
                 arrived.append(pid)
             if partition is not None and owner(raw_topic, partition[1]) != partition[0]:

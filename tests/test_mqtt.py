@@ -49,3 +49,12 @@ async def test_a_fresh_message_waits_the_flush_interval_for_company(ingress: Mqt
     batch = await ingress.next_batch(timeout=5)
     assert len(batch) == 1
     assert 0.4 <= time.monotonic() - t0 < 2.0
+
+
+def test_messages_of_one_read_arrive_in_order_a_microsecond_apart(ingress: MqttIngress) -> None:
+    """Two timestamp-less readings of one meter in one socket read keep distinct times (else one is a repeat)."""
+    body = orjson.dumps({"kwhConsumedAc": 1.0})
+    ingress._take([(b"meters/m1/reading", body, 1, False, 1), (b"meters/m1/reading", body, 1, False, 2)])
+    first, second = ingress._buffer
+    assert first.received_at < second.received_at
+    assert [r.ts for r in first.records + second.records] == [first.received_at, second.received_at]
