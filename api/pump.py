@@ -185,9 +185,9 @@ async def system_stats(request: Request) -> Response:
             """
             SELECT (SELECT count(*) FROM devices),
                    (SELECT count(*) FROM devices WHERE status = 'online'),
-                   coalesce((SELECT value FROM counters WHERE name = 'messages_received'), 0),
-                   coalesce((SELECT value FROM counters WHERE name = 'messages_stored'), 0),
-                   coalesce((SELECT value FROM counters WHERE name = 'dead_letters'), 0)
+                   (SELECT coalesce(sum(value), 0)::bigint FROM counters WHERE name = 'messages_received'),
+                   (SELECT coalesce(sum(value), 0)::bigint FROM counters WHERE name = 'messages_stored'),
+                   (SELECT coalesce(sum(value), 0)::bigint FROM counters WHERE name = 'dead_letters')
             """
         )
         row = await cur.fetchone()

@@ -441,7 +441,7 @@ class Progress:
         self.baseline = self._counter()
 
     def _counter(self) -> int:
-        row = self.conn.execute("SELECT value FROM counters WHERE name = 'messages_stored'").fetchone()
+        row = self.conn.execute("SELECT sum(value)::bigint FROM counters WHERE name = 'messages_stored'").fetchone()
         return int(row[0]) if row else 0
 
     def exact(self) -> int:

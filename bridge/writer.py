@@ -336,11 +336,12 @@ class Writer:
         result.dead_letters = len(letters)
         if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
             result.alerts = await self._alerts.evaluate(cur, items, stored, result.status_changes)
-        # concurrent writers (BRIDGE_WRITERS) take the counters' row locks in one order: no deadlock
-        await cur.execute("SELECT 1 FROM counters WHERE name = ANY(%b::text[]) ORDER BY name FOR UPDATE", (_COUNTERS,))
+        # each transaction adds to its own shard of the counters (its backend's), so writers do not wait
+        # at one row for each other's commits (migration 0006)
         await cur.execute(
-            "UPDATE counters SET value = value + v.n FROM unnest(%b::text[], %b::bigint[]) AS v(name, n) "
-            "WHERE counters.name = v.name",
+            "INSERT INTO counters AS c (name, shard, value) SELECT name, pg_backend_pid() %% 64, n "
+            "FROM unnest(%b::text[], %b::bigint[]) AS v(name, n) ORDER BY name "
+            "ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value",
             (_COUNTERS, [result.received, result.stored, result.dead_letters]),
         )
         return result, cache

@@ -181,7 +181,8 @@ def rounded(value: Any) -> Any:
 
 
 async def received(url: str) -> int:
-    rows = await asyncio.to_thread(query, url, "SELECT value FROM counters WHERE name = 'messages_received'")
+    sql = "SELECT sum(value)::bigint FROM counters WHERE name = 'messages_received'"
+    rows = await asyncio.to_thread(query, url, sql)
     return int(rows[0][0])
 
 

@@ -153,3 +153,19 @@ def test_energy_pieces_migrate_to_corrections_and_back(pg_admin_url: str) -> Non
 
     migrate(url, "downgrade", "0004", env={"SCHEMA_LEVEL": "apache"})
     assert query(url, rows) == before
+
+
+def test_counter_shards_sum_back_on_downgrade(pg_admin_url: str) -> None:
+    """Migration 0006: a counter is the sum of its shards' rows; its downgrade keeps one row with that sum."""
+    url = create_database(pg_admin_url, {"SCHEMA_LEVEL": "plain"})
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE counters SET value = 4 WHERE name = 'messages_received'")
+        conn.execute(
+            "INSERT INTO counters (name, shard, value) VALUES ('messages_received', 7, 5), ('dead_letters', 9, 2)"
+        )
+    total = "SELECT name, sum(value)::bigint FROM counters GROUP BY 1 ORDER BY 1"
+    assert query(url, total) == [("dead_letters", 2), ("messages_received", 9), ("messages_stored", 0)]
+    migrate(url, "downgrade", "0005", env={"SCHEMA_LEVEL": "plain"})
+    assert query(url, "SELECT name, value FROM counters ORDER BY 1") == query(url, total)
+    migrate(url, "upgrade", "head", env={"SCHEMA_LEVEL": "plain"})
+    assert query(url, total) == [("dead_letters", 2), ("messages_received", 9), ("messages_stored", 0)]

@@ -124,6 +124,26 @@ async def test_restarted_writer_continues_from_the_database(apache_url: str) -> 
     assert_plain_rule(apache_url, readings)
 
 
+async def test_writers_count_in_their_own_shards(apache_url: str) -> None:
+    """Two writers' batches each add to their backend's counter row (no row both lock); the sums are exact."""
+    total = "SELECT coalesce(sum(value), 0)::bigint FROM counters WHERE name = 'messages_received'"
+    before = query(apache_url, total)[0][0]
+    rng = random.Random(51)
+    async with Database(apache_url) as a, Database(apache_url) as b:
+        writers = [Writer(a), Writer(b)]
+        shards = set()
+        for db in (a, b):
+            cur = await (await db.connection()).execute("SELECT pg_backend_pid() % 64")
+            shards.add((await cur.fetchone() or (None,))[0])
+        sent = 0
+        for i, batch in enumerate(batches(rng, arrival(rng, fleet(rng, 4), late=False))):
+            await writers[i % 2].write(messages([reading_message(m, p) for m, p in batch]))
+            sent += len(batch)
+    assert query(apache_url, total)[0][0] == before + sent
+    written = {r[0] for r in query(apache_url, "SELECT shard FROM counters WHERE name = 'messages_received'")}
+    assert shards <= written
+
+
 def test_readings_cover_every_kind() -> None:
     """The random fleet has power, register, interval and mixed meters (else the tests above prove less)."""
     points = [p for pts in fleet(random.Random(11), 12).values() for p in pts]
