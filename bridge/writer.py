@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
@@ -20,7 +20,7 @@ from psycopg import errors as pg_errors
 
 from . import energy, rollups
 from .alerts import AlertEngine
-from .arrays import Stamps, Texts, columns
+from .arrays import Bools, Floats, Stamps, Texts, columns
 from .db import Database
 from .errors import DatabaseUnavailable
 from .telemetry import (
@@ -65,20 +65,14 @@ def _json(value: Any) -> str:
 
 
 # A meter's energy context, read before the batch's readings are inserted (so what it finds is stored by
-# others; in shared mode after, and the batch's own rows are set aside). Usually every new reading is newer
-# than the meter's newest stored one: then that reading (from `meter_latest`, one key lookup) and, for a
-# register, the one before it (whether that had a register decides how the newest was counted) are all
-# there is to know ('l', 'p'). Otherwise, or when the newest is older than a day (retention may have
-# dropped it from the readings, which the long way would not see) or unknown: the two readings before
-# the batch, those within its range, and two after ('b', 'm', 'a').
-_ENERGY_CONTEXT = """
-WITH req AS MATERIALIZED (
-    SELECT r.meter_id, r.lo, r.hi, l.ts, l.power_kw, l.kwh_consumed_ac, l.energy_total_kwh,
-           coalesce(l.ts < r.lo AND l.ts > r.lo - interval '1 day', false) AS newer
-    FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[]) AS r(meter_id, lo, hi)
-    LEFT JOIN meter_latest l USING (meter_id))
-SELECT 'l', meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM req WHERE newer
-UNION ALL
+# others). Usually every new reading is newer than the meter's newest stored one: then that reading (from
+# `meter_latest`, one key lookup) and, for a register, the one before it (whether that had a register
+# decides how the newest was counted) are all there is to know ('l', 'p'). Otherwise, or when the newest
+# is older than a day (retention may have dropped it from the readings, which the long way would not
+# see) or unknown: the two readings before the batch, those within its range, and two after ('b', 'm',
+# 'a'). `req` names, per meter: the batch's range (lo, hi), the newest stored reading (ts, register) and
+# whether the batch follows it (newer).
+_NEIGHBOURS = """
 SELECT 'p', x.* FROM req CROSS JOIN LATERAL (
     SELECT meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM meter_readings m
     WHERE m.meter_id = req.meter_id AND m.ts < req.ts ORDER BY m.ts DESC LIMIT 1) x
@@ -99,6 +93,19 @@ SELECT 'a', x.* FROM req CROSS JOIN LATERAL (
     WHERE m.meter_id = req.meter_id AND m.ts > req.hi ORDER BY m.ts LIMIT 2) x
 WHERE NOT req.newer
 """
+_ENERGY_CONTEXT = f"""
+WITH req AS MATERIALIZED (
+    SELECT r.meter_id, r.lo, r.hi, l.ts, l.power_kw, l.kwh_consumed_ac, l.energy_total_kwh,
+           coalesce(l.ts < r.lo AND l.ts > r.lo - interval '1 day', false) AS newer
+    FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[]) AS r(meter_id, lo, hi)
+    LEFT JOIN meter_latest l USING (meter_id))
+SELECT 'l', meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM req WHERE newer
+UNION ALL{_NEIGHBOURS}"""  # noqa: S608
+# shared mode: the newest stored readings came back from `_TAKE_METERS`; only the neighbours are asked for
+_SHARED_NEIGHBOURS = f"""
+WITH req AS MATERIALIZED (
+    SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::float8[],
+                         %b::boolean[]) AS r(meter_id, lo, hi, ts, energy_total_kwh, newer)){_NEIGHBOURS}"""  # noqa: S608
 
 
 # the readings, and what they stored; {latest}: meter_latest from the newest of those, or nothing (a repeat
@@ -118,7 +125,8 @@ SELECT count(*)::int4,
 FROM ins
 """
 
-# meter_latest keeps the newest reading whichever write comes first; both forms below end with it
+# meter_latest keeps the newest reading whichever write comes first; both forms below end with it. An
+# update keeps what the row held before in `prev_*` (read back by shared bridges, `_TAKE_METERS`)
 _LATEST_UPSERT = """
 INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
                                frequency, power_factor)
@@ -126,16 +134,26 @@ INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_t
 ON CONFLICT (meter_id) DO UPDATE SET
     ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
     energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
-    frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now()
-WHERE EXCLUDED.ts >= l.ts"""
+    frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now(),
+    prev_ts = l.ts, prev_power_kw = l.power_kw, prev_kwh_consumed_ac = l.kwh_consumed_ac,
+    prev_energy_total_kwh = l.energy_total_kwh
+WHERE EXCLUDED.ts {newer} l.ts{returning}"""
 # from the insert's RETURNING, in the same statement (one round trip)
 _METER_LATEST_FROM_INS = ",\nlatest AS ({})".format(
-    _LATEST_UPSERT.format(rows="SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC")
+    _LATEST_UPSERT.format(
+        rows="SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC", newer=">=", returning=""
+    )
 )
-# from readings passed as columns (shared mode: written in the meters' turn, after the insert)
-_UPSERT_METER_LATEST = _LATEST_UPSERT.format(
+# Shared mode: a batch's meters in one order (no deadlocks), each with the batch's newest reading. Every
+# row is locked until the commit, updated or not (ON CONFLICT DO UPDATE locks what its WHERE skips), so
+# this is the meters' turn: whoever takes a meter later sees what went earlier. `prev_*` in RETURNING is
+# the newest reading as the lock found it; a meter not returned held a reading at least as new (late
+# data, or the batch's newest is a repeat: `>` leaves a stored reading's row alone).
+_TAKE_METERS = _LATEST_UPSERT.format(
     rows="SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[], "
-    "%b::float8[], %b::float8[], %b::float8[], %b::float8[])"
+    "%b::float8[], %b::float8[], %b::float8[], %b::float8[]) AS v(meter_id) ORDER BY meter_id",
+    newer=">",
+    returning="\nRETURNING meter_id, prev_ts, prev_power_kw, prev_kwh_consumed_ac, prev_energy_total_kwh",
 )
 
 
@@ -294,20 +312,14 @@ class Writer:
         late_meters: list[tuple[str, datetime]] = []
         late_vehicles: list[tuple[str, datetime]] = []
         if meters:
+            ctx: _Context | None
             if self._shared:
                 # several bridges share the subscription, so a meter's readings are split between them:
-                # the readings go in side by side, then each batch takes its meters in turn (sorted: no
-                # deadlocks) and computes their energy with what the others committed before it in view;
-                # whoever goes later sees what went earlier. meter_latest is written in that turn too,
-                # so it stays the newest reading the batch's energy context has seen
+                # the readings go in side by side, then each batch takes its meters in turn (their
+                # meter_latest rows, `_TAKE_METERS`) and computes their energy with what the others
+                # committed before it in view
                 stored = await self._meters(cur, meters, latest=False)
-                await cur.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(m)) FROM (SELECT DISTINCT unnest(%b::text[]) AS m "
-                    "ORDER BY m) s",
-                    ([r.meter_id for r in meters],),
-                )
-                ctx = await self._energy_context(cur, meters, inserted=stored)
-                await self._meter_latest(cur, meters, stored)
+                ctx = await self._take_meters(cur, meters, stored)
             else:
                 ctx = await self._energy_context(cur, meters)  # before the insert: what others stored
                 stored = await self._meters(cur, meters)
@@ -394,20 +406,10 @@ class Writer:
             return Stored(all_meters=True, meters=rows)
         return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)})
 
-    async def _meter_latest(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], stored: Stored) -> None:
-        """meter_latest from the readings this batch inserted (a repeat is never newer than its first storing)."""
-        inserted = rows if stored.all_meters else [r for r in rows if stored.meter(r.meter_id, r.ts)]
-        if inserted:
-            newest = _newest(inserted, key=lambda r: r.meter_id)
-            await cur.execute(_UPSERT_METER_LATEST, columns([_meter_row(r) for r in newest], _METER_KINDS))
-
-    async def _energy_context(
-        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], inserted: Stored | None = None
-    ) -> _Context | None:
-        """The stored neighbours of the meters the cache cannot serve (None: it serves them all). Read
-        before the readings are inserted, or after, given what the insert stored (`inserted`: those are
-        the batch's own, new readings, not stored ones whose pieces must be replaced)."""
-        cached = {} if self._shared else self._last
+    async def _energy_context(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> _Context | None:
+        """The stored neighbours of the meters the cache cannot serve (None: it serves them all), read before
+        the readings are inserted."""
+        cached = self._last
         misses = set()
         for r in rows:
             last = cached.get(r.meter_id)
@@ -426,17 +428,55 @@ class Writer:
             binary=True,  # timestamps come back parsed in C, not from text
         )
         ctx = _Context({}, {}, defaultdict(lambda: defaultdict(list)))
+        _add_context(ctx, await cur.fetchall())
+        return ctx
+
+    async def _take_meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], inserted: Stored) -> _Context:
+        """Shared mode: lock the batch's meters and move meter_latest on to its newest readings (one
+        statement, `_TAKE_METERS`); what that found is the usual batch's whole context. The others (late
+        data, first sight, a register's predecessor) are looked up after it, as the batch's own readings are
+        already stored (`inserted`: those are new, not stored ones whose pieces must be replaced)."""
+        newest: dict[str, MeterReading] = {}
+        lo: dict[str, datetime] = {}
+        hi: dict[str, datetime] = {}
+        for r in rows:
+            m = r.meter_id
+            first = newest.get(m)
+            if first is None:
+                newest[m], lo[m], hi[m] = r, r.ts, r.ts
+            elif r.ts > hi[m]:  # strictly: of two readings at one time the first received is stored
+                newest[m], hi[m] = r, r.ts
+            elif r.ts < lo[m]:
+                lo[m] = r.ts
+        await cur.execute(_TAKE_METERS, columns([_meter_row(r) for r in newest.values()], _METER_KINDS), binary=True)
+        ctx = _Context({}, {}, defaultdict(lambda: defaultdict(list)))
         Point = energy.Point
-        for where, meter_id, ts, power, interval, register in await cur.fetchall():
-            point = Point(ts, power, interval, register)
-            if where == "l":
-                ctx.newest[meter_id] = point
-            elif where == "p":
-                ctx.before_newest[meter_id] = point
-            elif where == "m" and inserted is not None and inserted.meter(meter_id, ts) and ts in spans[meter_id]:
-                continue  # one of the batch's own, inserted just before
-            else:
-                ctx.found[meter_id][where].append(point)
+        day = timedelta(days=1)
+        for meter_id, ts, power, interval, register in await cur.fetchall():
+            # the batch follows the newest stored reading (as `_ENERGY_CONTEXT` decides `newer`)
+            if ts is not None and lo[meter_id] - day < ts < lo[meter_id]:
+                ctx.newest[meter_id] = Point(ts, power, interval, register)
+        ask = [m for m in newest if m not in ctx.newest or ctx.newest[m].register is not None]
+        if ask:
+            latest = [ctx.newest.get(m) for m in ask]
+            await cur.execute(
+                _SHARED_NEIGHBOURS,
+                (
+                    Texts(ask),
+                    Stamps([lo[m] for m in ask]),
+                    Stamps([hi[m] for m in ask]),
+                    Stamps([p.ts if p else None for p in latest]),
+                    Floats([p.register if p else None for p in latest]),
+                    Bools([p is not None for p in latest]),
+                ),
+                binary=True,
+            )
+            spans: dict[str, set[datetime]] = {m: set() for m in ask if m not in ctx.newest}
+            for r in rows:
+                times = spans.get(r.meter_id)
+                if times is not None:
+                    times.add(r.ts)
+            _add_context(ctx, await cur.fetchall(), spans, inserted)
         return ctx
 
     def _energy_outcomes(self, rows: list[MeterReading], ctx: _Context | None) -> dict[str, energy.Outcome]:
@@ -735,6 +775,27 @@ class Writer:
             """,
             cols,
         )
+
+
+def _add_context(
+    ctx: _Context,
+    rows: Sequence[tuple[Any, ...]],
+    spans: dict[str, set[datetime]] | None = None,
+    inserted: Stored | None = None,
+) -> None:
+    """The rows of `_ENERGY_CONTEXT` or `_SHARED_NEIGHBOURS` into `ctx`; `spans`/`inserted` (shared mode,
+    read after the insert): the batch's reading times per meter and what it inserted, set aside."""
+    Point = energy.Point
+    for where, meter_id, ts, power, interval, register in rows:
+        point = Point(ts, power, interval, register)
+        if where == "l":
+            ctx.newest[meter_id] = point
+        elif where == "p":
+            ctx.before_newest[meter_id] = point
+        elif where == "m" and inserted is not None and spans and ts in spans[meter_id] and inserted.meter(meter_id, ts):
+            continue  # one of the batch's own, inserted just before
+        else:
+            ctx.found[meter_id][where].append(point)
 
 
 def _is_new(message: Message, stored: Stored) -> bool:

@@ -55,6 +55,13 @@ def assert_plain_rule(url: str, readings: dict[str, list[Point]]) -> None:
         assert got.get(key, 0.0) == pytest.approx(expected.get(key, 0.0), abs=1e-6), key
 
 
+def assert_latest(url: str, readings: dict[str, list[Point]]) -> None:
+    """meter_latest holds each meter's newest reading."""
+    rows = query(url, "SELECT meter_id, ts, power_kw FROM meter_latest WHERE meter_id = ANY(%s)", (list(readings),))
+    newest = {m: max(pts, key=lambda p: p.ts) for m, pts in readings.items()}
+    assert {m: (ts, kw) for m, ts, kw in rows} == {m: (p.ts, p.power_kw) for m, p in newest.items()}
+
+
 def arrival(rng: random.Random, readings: dict[str, list[Point]], late: bool) -> list[tuple[str, Point]]:
     """Every reading once, interleaved across meters in time order; `late`: some shuffled and repeated too."""
     order = sorted(((m, p) for m, pts in readings.items() for p in pts), key=lambda mp: mp[1].ts)
@@ -108,6 +115,20 @@ async def test_shared_writers_store_the_plain_rules_blocks(apache_url: str, late
 
         await asyncio.gather(*(run(w, q) for w, q in zip(writers, queues, strict=True)))
     assert_plain_rule(apache_url, readings)
+    assert_latest(apache_url, readings)
+
+
+async def test_shared_writer_counts_the_newest_by_its_predecessor(apache_url: str) -> None:
+    """A shared writer following another's mixed reading looks up the register before it (how that one counted)."""
+    meter = unique("wr-m")
+    ts = [T0 + timedelta(seconds=s) for s in (0, 60, 120)]
+    readings = {meter: [Point(ts[0], None, None, 100.0), Point(ts[1], 3.5, None, 100.5), Point(ts[2], 2.0, None, None)]}
+    async with Database(apache_url) as a, Database(apache_url) as b:
+        first, second = Writer(a, shared=True), Writer(b, shared=True)
+        await first.write(messages([reading_message(meter, p) for p in readings[meter][:2]]))
+        await second.write(messages([reading_message(meter, readings[meter][2])]))
+    assert_plain_rule(apache_url, readings)
+    assert_latest(apache_url, readings)
 
 
 async def test_restarted_writer_continues_from_the_database(apache_url: str) -> None:
