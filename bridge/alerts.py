@@ -35,6 +35,7 @@ import orjson
 import psycopg
 
 from . import topics
+from .arrays import Texts
 from .telemetry import Decoded, Message, MeterReading, ObisReading, PumpStatus, Stored, VehicleReading
 
 log = logging.getLogger(__name__)
@@ -739,7 +740,8 @@ class AlertEngine:
         for key in staged.snapshot.active:
             if key[0] in devices:
                 staged.active[key] = None
-        await cur.execute(_ACTIVE + " AND device_id = ANY(%s)", (list(devices),))
+        # a typed column: psycopg's list dumper goes element by element (a batch's devices, in shared mode)
+        await cur.execute(_ACTIVE + " AND device_id = ANY(%b::text[])", (Texts(devices),))
         for d, r, i, k in await cur.fetchall():
             staged.active[(d, r)] = Active(i, k)
 

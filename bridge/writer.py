@@ -101,16 +101,46 @@ WITH req AS MATERIALIZED (
     LEFT JOIN meter_latest l USING (meter_id))
 SELECT 'l', meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh FROM req WHERE newer
 UNION ALL{_NEIGHBOURS}"""  # noqa: S608
-# shared mode: the newest stored readings came back from `_TAKE_METERS`; only the neighbours are asked for
+# shared mode: the newest stored readings came back from the readings' insert (`_insert_meters`); only the
+# neighbours are asked for
 _SHARED_NEIGHBOURS = f"""
 WITH req AS MATERIALIZED (
     SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::float8[],
                          %b::boolean[]) AS r(meter_id, lo, hi, ts, energy_total_kwh, newer)){_NEIGHBOURS}"""  # noqa: S608
 
 
-# the readings, and what they stored; {latest}: meter_latest from the newest of those, or nothing (a repeat
-# is never newer than what its first storing put there)
-_INSERT_METERS = """
+# meter_latest keeps the newest reading whichever write comes first. An update keeps what the row held
+# before in `prev_*` (read back by shared bridges: `_insert_meters`)
+_LATEST_UPSERT = """
+INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
+                               frequency, power_factor)
+SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC
+ON CONFLICT (meter_id) DO UPDATE SET
+    ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
+    energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
+    frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now(),
+    prev_ts = l.ts, prev_power_kw = l.power_kw, prev_kwh_consumed_ac = l.kwh_consumed_ac,
+    prev_energy_total_kwh = l.energy_total_kwh
+WHERE EXCLUDED.ts > l.ts"""
+
+
+def _insert_meters(shared: bool) -> str:
+    """The readings, meter_latest from the newest of those the insert stored (a repeat is never newer than
+    what its first storing put there), and what the insert stored: a count, and the keys when some were
+    repeats. One statement, one round trip.
+
+    Shared mode: the upsert takes the meters that got new readings, in one order (no deadlocks). Every row
+    is locked until the commit, updated or not (ON CONFLICT DO UPDATE locks what its WHERE skips), so this
+    is the meters' turn: whoever takes a meter later sees what went earlier. `prev_*` comes back for each
+    updated row, the newest reading as the lock found it, one row each after the row of what was stored;
+    a meter not returned held a reading at least as new (late data)."""
+    returning = "\n    RETURNING meter_id, prev_ts, prev_power_kw, prev_kwh_consumed_ac, prev_energy_total_kwh"
+    extra = ", NULL::text, NULL::timestamptz, NULL::float8, NULL::float8, NULL::float8"
+    taken = (
+        "\nUNION ALL\nSELECT NULL, NULL, NULL, meter_id, prev_ts, prev_power_kw, prev_kwh_consumed_ac, "
+        "prev_energy_total_kwh FROM latest"
+    )
+    return f"""
 WITH ins AS (
     INSERT INTO meter_readings (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
                                 frequency, power_factor)
@@ -118,43 +148,16 @@ WITH ins AS (
                          %b::float8[], %b::float8[], %b::float8[])
     ON CONFLICT DO NOTHING
     RETURNING meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current, frequency,
-              power_factor){latest}
+              power_factor),
+latest AS ({_LATEST_UPSERT}{returning if shared else ""})
 SELECT count(*)::int4,
        CASE WHEN count(*) < %b::int4 THEN array_agg(meter_id) END,
-       CASE WHEN count(*) < %b::int4 THEN array_agg(ts) END
-FROM ins
-"""
+       CASE WHEN count(*) < %b::int4 THEN array_agg(ts) END{extra if shared else ""}
+FROM ins{taken if shared else ""}
+"""  # noqa: S608
 
-# meter_latest keeps the newest reading whichever write comes first; both forms below end with it. An
-# update keeps what the row held before in `prev_*` (read back by shared bridges, `_TAKE_METERS`)
-_LATEST_UPSERT = """
-INSERT INTO meter_latest AS l (meter_id, ts, power_kw, kwh_consumed_ac, energy_total_kwh, voltage, current,
-                               frequency, power_factor)
-{rows}
-ON CONFLICT (meter_id) DO UPDATE SET
-    ts = EXCLUDED.ts, power_kw = EXCLUDED.power_kw, kwh_consumed_ac = EXCLUDED.kwh_consumed_ac,
-    energy_total_kwh = EXCLUDED.energy_total_kwh, voltage = EXCLUDED.voltage, current = EXCLUDED.current,
-    frequency = EXCLUDED.frequency, power_factor = EXCLUDED.power_factor, updated_at = now(),
-    prev_ts = l.ts, prev_power_kw = l.power_kw, prev_kwh_consumed_ac = l.kwh_consumed_ac,
-    prev_energy_total_kwh = l.energy_total_kwh
-WHERE EXCLUDED.ts {newer} l.ts{returning}"""
-# from the insert's RETURNING, in the same statement (one round trip)
-_METER_LATEST_FROM_INS = ",\nlatest AS ({})".format(
-    _LATEST_UPSERT.format(
-        rows="SELECT DISTINCT ON (meter_id) * FROM ins ORDER BY meter_id, ts DESC", newer=">=", returning=""
-    )
-)
-# Shared mode: a batch's meters in one order (no deadlocks), each with the batch's newest reading. Every
-# row is locked until the commit, updated or not (ON CONFLICT DO UPDATE locks what its WHERE skips), so
-# this is the meters' turn: whoever takes a meter later sees what went earlier. `prev_*` in RETURNING is
-# the newest reading as the lock found it; a meter not returned held a reading at least as new (late
-# data, or the batch's newest is a repeat: `>` leaves a stored reading's row alone).
-_TAKE_METERS = _LATEST_UPSERT.format(
-    rows="SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[], "
-    "%b::float8[], %b::float8[], %b::float8[], %b::float8[]) AS v(meter_id) ORDER BY meter_id",
-    newer=">",
-    returning="\nRETURNING meter_id, prev_ts, prev_power_kw, prev_kwh_consumed_ac, prev_energy_total_kwh",
-)
+
+_INSERT_ONE, _INSERT_SHARED = _insert_meters(False), _insert_meters(True)
 
 
 _MATCH_COMMANDS = """
@@ -315,14 +318,17 @@ class Writer:
             ctx: _Context | None
             if self._shared:
                 # several bridges share the subscription, so a meter's readings are split between them:
-                # the readings go in side by side, then each batch takes its meters in turn (their
-                # meter_latest rows, `_TAKE_METERS`) and computes their energy with what the others
-                # committed before it in view
-                stored = await self._meters(cur, meters, latest=False)
-                ctx = await self._take_meters(cur, meters, stored)
+                # each batch's insert takes its meters in turn (`_insert_meters`) and their energy is
+                # computed with what the others committed before it in view. Only meters with a new
+                # reading: a repeat's pieces were stored with it
+                stored, taken = await self._meters(cur, meters, shared=True)
+                if not stored.all_meters:
+                    fresh_ids = stored.meter_ids()
+                    meters = [r for r in meters if r.meter_id in fresh_ids]
+                ctx = await self._shared_context(cur, meters, stored, taken)
             else:
                 ctx = await self._energy_context(cur, meters)  # before the insert: what others stored
-                stored = await self._meters(cur, meters)
+                stored, _ = await self._meters(cur, meters)
             # the pieces after the insert: their Python runs while the other writers' statements do
             outcomes = self._energy_outcomes(meters, ctx)
             new_keys = stored.keys
@@ -392,19 +398,26 @@ class Writer:
         )
         return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
-    async def _meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], latest: bool = True) -> Stored:
+    async def _meters(
+        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], shared: bool = False
+    ) -> tuple[Stored, list[tuple[Any, ...]]]:
+        """Store the readings; (what was stored, in shared mode the rows `_insert_meters` hands back)."""
         await cur.execute(
-            _INSERT_METERS.format(latest=_METER_LATEST_FROM_INS if latest else ""),
+            _INSERT_SHARED if shared else _INSERT_ONE,
             (*columns([_meter_row(r) for r in rows], _METER_KINDS), len(rows), len(rows)),
             binary=True,  # timestamps come back parsed in C, not from text
         )
         # the keys only when some reading was a repeat: the usual batch stores all of them
-        row = await cur.fetchone()
-        assert row is not None
-        count, ids, stamps = row
+        result = await cur.fetchall()
+        count, ids, stamps = result[0][:3]
+        if count is None:  # UNION ALL keeps the order in practice, but nothing promises it
+            i = next(i for i, row in enumerate(result) if row[0] is not None)
+            result[0], result[i] = result[i], result[0]
+            count, ids, stamps = result[0][:3]
+        taken = [row[3:] for row in result[1:]]
         if count == len(rows):
-            return Stored(all_meters=True, meters=rows)
-        return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)})
+            return Stored(all_meters=True, meters=rows), taken
+        return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)}), taken
 
     async def _energy_context(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> _Context | None:
         """The stored neighbours of the meters the cache cannot serve (None: it serves them all), read before
@@ -431,32 +444,36 @@ class Writer:
         _add_context(ctx, await cur.fetchall())
         return ctx
 
-    async def _take_meters(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], inserted: Stored) -> _Context:
-        """Shared mode: lock the batch's meters and move meter_latest on to its newest readings (one
-        statement, `_TAKE_METERS`); what that found is the usual batch's whole context. The others (late
-        data, first sight, a register's predecessor) are looked up after it, as the batch's own readings are
-        already stored (`inserted`: those are new, not stored ones whose pieces must be replaced)."""
-        newest: dict[str, MeterReading] = {}
+    async def _shared_context(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        rows: list[MeterReading],
+        inserted: Stored,
+        taken: list[tuple[Any, ...]],
+    ) -> _Context:
+        """Shared mode: the energy context, from what the readings' insert found in meter_latest (`taken`:
+        the usual batch's whole context) and, for the other meters (late data, first sight) and a
+        register's predecessor, from the readings, looked up after the insert (`inserted`: the batch's own
+        new readings, set aside: not stored ones whose pieces must be replaced)."""
         lo: dict[str, datetime] = {}
         hi: dict[str, datetime] = {}
         for r in rows:
-            m = r.meter_id
-            first = newest.get(m)
-            if first is None:
-                newest[m], lo[m], hi[m] = r, r.ts, r.ts
-            elif r.ts > hi[m]:  # strictly: of two readings at one time the first received is stored
-                newest[m], hi[m] = r, r.ts
-            elif r.ts < lo[m]:
-                lo[m] = r.ts
-        await cur.execute(_TAKE_METERS, columns([_meter_row(r) for r in newest.values()], _METER_KINDS), binary=True)
+            m, ts = r.meter_id, r.ts
+            low = lo.get(m)
+            if low is None:
+                lo[m] = hi[m] = ts
+            elif ts < low:
+                lo[m] = ts
+            elif ts > hi[m]:
+                hi[m] = ts
         ctx = _Context({}, {}, defaultdict(lambda: defaultdict(list)))
         Point = energy.Point
         day = timedelta(days=1)
-        for meter_id, ts, power, interval, register in await cur.fetchall():
+        for meter_id, ts, power, interval, register in taken:
             # the batch follows the newest stored reading (as `_ENERGY_CONTEXT` decides `newer`)
             if ts is not None and lo[meter_id] - day < ts < lo[meter_id]:
                 ctx.newest[meter_id] = Point(ts, power, interval, register)
-        ask = [m for m in newest if m not in ctx.newest or ctx.newest[m].register is not None]
+        ask = [m for m in lo if m not in ctx.newest or ctx.newest[m].register is not None]
         if ask:
             latest = [ctx.newest.get(m) for m in ask]
             await cur.execute(
