@@ -31,6 +31,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import MqttUrl, session_id
+from bridge.schema import COUNTER_TOTAL
 
 from . import profile
 from .services import ROOT, Services, create_database, drop_database, free_port
@@ -441,7 +442,7 @@ class Progress:
         self.baseline = self._counter()
 
     def _counter(self) -> int:
-        row = self.conn.execute("SELECT sum(value)::bigint FROM counters WHERE name = 'messages_stored'").fetchone()
+        row = self.conn.execute(COUNTER_TOTAL, ("messages_stored",)).fetchone()
         return int(row[0]) if row else 0
 
     def exact(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
 from importlib import metadata
 from typing import Any
@@ -135,9 +136,8 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, str]]:
         if not pairs:
             continue
         # round by round (the modes ran in turn), then the median of those ratios
-        ratios = sorted(s["rate"] / o["rate"] for s, o in pairs)
-        n = len(ratios)
-        ratio = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+        ratio = statistics.median(s["rate"] / o["rate"] for s, o in pairs)
+        n = len(pairs)
         rates = "; ".join(f"{_f(s['rate'])} vs {_f(o['rate'])} ({s['rate'] / o['rate']:.2f}x)" for s, o in pairs)
         measured = f"2 bridges vs 1 bridge, msg/s (same load){f', {n} rounds' if n > 1 else ''}: {rates}"
         verdict = f"{ratio:.2f}x of one{' (median)' if n > 1 else ''}"

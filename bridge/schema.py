@@ -20,6 +20,9 @@ HYPERTABLES = ("meter_readings", "meter_energy", "vehicle_readings", "pump_statu
 AGGREGATES = ("meter_energy_30m", "meter_energy_1h", "vehicle_energy_1h", "pump_stats_1h")
 # Views over the aggregates, the same on every level.
 VIEWS = ("meter_blocks_30m", "vehicle_efficiency_24h")
+# A counter (`messages_received`, …) is the sum of its shards' rows: each writing backend adds to its own
+# (migration 0006).
+COUNTER_TOTAL = "SELECT coalesce(sum(value), 0)::bigint FROM counters WHERE name = %s"
 
 
 def detect_level(conn: Connection, wanted: str = "auto") -> Level:

@@ -409,12 +409,9 @@ class Writer:
         )
         # the keys only when some reading was a repeat: the usual batch stores all of them
         result = await cur.fetchall()
-        count, ids, stamps = result[0][:3]
-        if count is None:  # UNION ALL keeps the order in practice, but nothing promises it
-            i = next(i for i, row in enumerate(result) if row[0] is not None)
-            result[0], result[i] = result[i], result[0]
-            count, ids, stamps = result[0][:3]
-        taken = [row[3:] for row in result[1:]]
+        # one row with the count (shared mode: and one per meter taken, count NULL), in whatever order
+        count, ids, stamps = next(row[:3] for row in result if row[0] is not None)
+        taken = [row[3:] for row in result if row[0] is None]
         if count == len(rows):
             return Stored(all_meters=True, meters=rows), taken
         return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)}), taken

@@ -27,6 +27,8 @@ from firmware_sim.sample import (
     window,
 )
 
+from bridge.schema import COUNTER_TOTAL
+
 from .conftest import API_TOKEN, ROOT, ApiServer, query, unique
 
 TZ = ZoneInfo("Europe/Berlin")  # the zone the shared test databases are migrated for
@@ -181,8 +183,7 @@ def rounded(value: Any) -> Any:
 
 
 async def received(url: str) -> int:
-    sql = "SELECT sum(value)::bigint FROM counters WHERE name = 'messages_received'"
-    rows = await asyncio.to_thread(query, url, sql)
+    rows = await asyncio.to_thread(query, url, COUNTER_TOTAL, ("messages_received",))
     return int(rows[0][0])
 
 

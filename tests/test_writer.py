@@ -12,6 +12,7 @@ import pytest
 
 from bridge.db import Database
 from bridge.energy import Point
+from bridge.schema import COUNTER_TOTAL
 from bridge.writer import Writer
 
 from .conftest import query, unique
@@ -147,8 +148,7 @@ async def test_restarted_writer_continues_from_the_database(apache_url: str) -> 
 
 async def test_writers_count_in_their_own_shards(apache_url: str) -> None:
     """Two writers' batches each add to their backend's counter row (no row both lock); the sums are exact."""
-    total = "SELECT coalesce(sum(value), 0)::bigint FROM counters WHERE name = 'messages_received'"
-    before = query(apache_url, total)[0][0]
+    before = query(apache_url, COUNTER_TOTAL, ("messages_received",))[0][0]
     rng = random.Random(51)
     async with Database(apache_url) as a, Database(apache_url) as b:
         writers = [Writer(a), Writer(b)]
@@ -160,7 +160,7 @@ async def test_writers_count_in_their_own_shards(apache_url: str) -> None:
         for i, batch in enumerate(batches(rng, arrival(rng, fleet(rng, 4), late=False))):
             await writers[i % 2].write(messages([reading_message(m, p) for m, p in batch]))
             sent += len(batch)
-    assert query(apache_url, total)[0][0] == before + sent
+    assert query(apache_url, COUNTER_TOTAL, ("messages_received",))[0][0] == before + sent
     written = {r[0] for r in query(apache_url, "SELECT shard FROM counters WHERE name = 'messages_received'")}
     assert shards <= written
 
