@@ -252,10 +252,14 @@ class Writer:
         raise AssertionError("unreachable")
 
     async def _transaction(self, conn: psycopg.AsyncConnection, items: Sequence[Decoded]) -> WriteResult:
-        async with conn.transaction(), conn.cursor() as cur:
+        # pipeline mode: a statement whose result is not read does not wait for it (BEGIN, the readers'
+        # lock, the pieces, the counters, COMMIT ride with the next round trip): with shared bridges the
+        # meters' row locks are held for fewer waits on the event loop
+        async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
             self._staged_writes = {}
             result, cache = await self._store(cur, items)
-        self._last.update(cache)  # only once committed
+        if not self._shared:  # shared bridges keep no cache: another bridge may have stored newer readings
+            self._last.update(cache)  # only once committed
         self._written.update(self._staged_writes)
         if self._alerts is not None:
             self._alerts.commit()
@@ -306,8 +310,11 @@ class Writer:
         # last_seen to the second is enough: a device written moments ago with the same status is not
         # rewritten (thousands of row updates per batch otherwise)
         fresh = {d: v for d, v in devices.items() if v[3] is not None or not self._recently_written(d, v[2], now)}
+        device_rows: psycopg.AsyncCursor[Any] | None = None
         if fresh:
-            result.status_changes = await self._devices(cur, fresh)
+            # its own cursor, read at the end: the statements after it go out without waiting for it
+            device_rows = cur.connection.cursor()
+            await self._devices(device_rows, fresh)
             self._staged_writes = {d: (v[2], now) for d, v in fresh.items()}
         stored = Stored()
         new_keys = stored.keys
@@ -316,6 +323,9 @@ class Writer:
         late_vehicles: list[tuple[str, datetime]] = []
         if meters:
             ctx: _Context | None
+            # the readings as points per meter, before the insert: with shared bridges whatever runs after
+            # it runs while the batch holds its meters' turn (`_insert_meters`)
+            grouped = _grouped(meters)
             if self._shared:
                 # several bridges share the subscription, so a meter's readings are split between them:
                 # each batch's insert takes its meters in turn (`_insert_meters`) and their energy is
@@ -324,13 +334,12 @@ class Writer:
                 stored, taken = await self._meters(cur, meters, shared=True)
                 if not stored.all_meters:
                     fresh_ids = stored.meter_ids()
-                    meters = [r for r in meters if r.meter_id in fresh_ids]
-                ctx = await self._shared_context(cur, meters, stored, taken)
+                    grouped = {m: points for m, points in grouped.items() if m in fresh_ids}
+                ctx = await self._shared_context(cur, grouped, stored, taken)
             else:
-                ctx = await self._energy_context(cur, meters)  # before the insert: what others stored
+                ctx = await self._energy_context(cur, grouped)  # before the insert: what others stored
                 stored, _ = await self._meters(cur, meters)
-            # the pieces after the insert: their Python runs while the other writers' statements do
-            outcomes = self._energy_outcomes(meters, ctx)
+            outcomes = self._energy_outcomes(grouped, ctx)
             new_keys = stored.keys
             cache, late_meters = await self._energy(cur, outcomes, closing)
         if vehicles:
@@ -352,6 +361,9 @@ class Writer:
             if isinstance(item, Message) and _is_new(item, stored):
                 result.stored += 1
         result.dead_letters = len(letters)
+        if device_rows is not None:
+            result.status_changes = [(r[0], r[1], r[2]) for r in await device_rows.fetchall() if r[3] != r[2]]
+            await device_rows.close()
         if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
             result.alerts = await self._alerts.evaluate(cur, items, stored, result.status_changes)
         # each transaction adds to its own shard of the counters (its backend's), so writers do not wait
@@ -366,7 +378,8 @@ class Writer:
 
     async def _devices(
         self, cur: psycopg.AsyncCursor[Any], devices: dict[str, tuple[str, datetime, str, str | None]]
-    ) -> list[tuple[str, str, str]]:
+    ) -> None:
+        """Upsert the batch's devices; `cur` then holds (device, kind, status, status before) per device."""
         ids = Texts(devices)
         kinds, seen, status, adapter = columns(devices.values(), "tstt")
         # an adapted device's command address (bridge.adapters) is merged into meta.adapter, beside
@@ -396,7 +409,6 @@ class Writer:
             """,
             (ids, kinds, seen, status, adapter),
         )
-        return [(r[0], r[1], r[2]) for r in await cur.fetchall() if r[3] != r[2]]
 
     async def _meters(
         self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], shared: bool = False
@@ -416,25 +428,22 @@ class Writer:
             return Stored(all_meters=True, meters=rows), taken
         return Stored({("meter", m, t) for m, t in zip(ids or (), stamps or (), strict=True)}), taken
 
-    async def _energy_context(self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading]) -> _Context | None:
+    async def _energy_context(
+        self, cur: psycopg.AsyncCursor[Any], grouped: dict[str, list[energy.Point]]
+    ) -> _Context | None:
         """The stored neighbours of the meters the cache cannot serve (None: it serves them all), read before
         the readings are inserted."""
         cached = self._last
-        misses = set()
-        for r in rows:
-            last = cached.get(r.meter_id)
-            if last is None or r.ts <= last.point.ts:
-                misses.add(r.meter_id)
-        if not misses:
+        wanted = []
+        for meter_id, points in grouped.items():
+            last = cached.get(meter_id)
+            if last is None or points[0].ts <= last.point.ts:
+                wanted.append(meter_id)
+        if not wanted:
             return None
-        spans: dict[str, list[datetime]] = {}
-        for r in rows:
-            if r.meter_id in misses:
-                spans.setdefault(r.meter_id, []).append(r.ts)
-        wanted = list(spans)
         await cur.execute(
             _ENERGY_CONTEXT,
-            (Texts(wanted), Stamps([min(spans[m]) for m in wanted]), Stamps([max(spans[m]) for m in wanted])),
+            (Texts(wanted), Stamps([grouped[m][0].ts for m in wanted]), Stamps([grouped[m][-1].ts for m in wanted])),
             binary=True,  # timestamps come back parsed in C, not from text
         )
         ctx = _Context({}, {}, defaultdict(lambda: defaultdict(list)))
@@ -444,7 +453,7 @@ class Writer:
     async def _shared_context(
         self,
         cur: psycopg.AsyncCursor[Any],
-        rows: list[MeterReading],
+        grouped: dict[str, list[energy.Point]],
         inserted: Stored,
         taken: list[tuple[Any, ...]],
     ) -> _Context:
@@ -452,69 +461,39 @@ class Writer:
         the usual batch's whole context) and, for the other meters (late data, first sight) and a
         register's predecessor, from the readings, looked up after the insert (`inserted`: the batch's own
         new readings, set aside: not stored ones whose pieces must be replaced)."""
-        lo: dict[str, datetime] = {}
-        hi: dict[str, datetime] = {}
-        for r in rows:
-            m, ts = r.meter_id, r.ts
-            low = lo.get(m)
-            if low is None:
-                lo[m] = hi[m] = ts
-            elif ts < low:
-                lo[m] = ts
-            elif ts > hi[m]:
-                hi[m] = ts
         ctx = _Context({}, {}, defaultdict(lambda: defaultdict(list)))
         Point = energy.Point
         day = timedelta(days=1)
         for meter_id, ts, power, interval, register in taken:
             # the batch follows the newest stored reading (as `_ENERGY_CONTEXT` decides `newer`)
-            if ts is not None and lo[meter_id] - day < ts < lo[meter_id]:
+            if ts is not None and (lo := grouped[meter_id][0].ts) - day < ts < lo:
                 ctx.newest[meter_id] = Point(ts, power, interval, register)
-        ask = [m for m in lo if m not in ctx.newest or ctx.newest[m].register is not None]
+        ask = [m for m in grouped if m not in ctx.newest or ctx.newest[m].register is not None]
         if ask:
             latest = [ctx.newest.get(m) for m in ask]
             await cur.execute(
                 _SHARED_NEIGHBOURS,
                 (
                     Texts(ask),
-                    Stamps([lo[m] for m in ask]),
-                    Stamps([hi[m] for m in ask]),
+                    Stamps([grouped[m][0].ts for m in ask]),
+                    Stamps([grouped[m][-1].ts for m in ask]),
                     Stamps([p.ts if p else None for p in latest]),
                     Floats([p.register if p else None for p in latest]),
                     Bools([p is not None for p in latest]),
                 ),
                 binary=True,
             )
-            spans: dict[str, set[datetime]] = {m: set() for m in ask if m not in ctx.newest}
-            for r in rows:
-                times = spans.get(r.meter_id)
-                if times is not None:
-                    times.add(r.ts)
+            spans = {m: {p.ts for p in grouped[m]} for m in ask if m not in ctx.newest}
             _add_context(ctx, await cur.fetchall(), spans, inserted)
         return ctx
 
-    def _energy_outcomes(self, rows: list[MeterReading], ctx: _Context | None) -> dict[str, energy.Outcome]:
+    def _energy_outcomes(
+        self, grouped: dict[str, list[energy.Point]], ctx: _Context | None
+    ) -> dict[str, energy.Outcome]:
         """Energy pieces of the readings, per meter: after the cached newest reading, or from `ctx`."""
-        # lists, not dicts by time: hashing an aware datetime calls utcoffset(), and most meters have one
-        by_meter: dict[str, list[energy.Point]] = {}
-        Point = energy.Point
-        for r in rows:
-            point = Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
-            points = by_meter.get(r.meter_id)
-            if points is None:
-                by_meter[r.meter_id] = [point]
-            else:
-                points.append(point)
         outcomes: dict[str, energy.Outcome] = {}
         cached = {} if self._shared else self._last
-        for meter_id, points in by_meter.items():
-            if len(points) == 1:
-                ordered = points
-            else:  # one reading per time: the first received, as the readings' ON CONFLICT DO NOTHING keeps
-                unique: dict[datetime, energy.Point] = {}
-                for p in points:
-                    unique.setdefault(p.ts, p)
-                ordered = [unique[t] for t in sorted(unique)]
+        for meter_id, ordered in grouped.items():
             last = cached.get(meter_id)
             if last is not None and ordered[0].ts > last.point.ts:
                 outcomes[meter_id] = energy.extend(last, ordered)
@@ -789,6 +768,28 @@ class Writer:
             """,
             cols,
         )
+
+
+def _grouped(rows: list[MeterReading]) -> dict[str, list[energy.Point]]:
+    """The readings as points per meter in time order, one per time: the first received, as the readings'
+    ON CONFLICT DO NOTHING keeps."""
+    # lists, not dicts by time: hashing an aware datetime calls utcoffset(), and most meters have one
+    by_meter: dict[str, list[energy.Point]] = {}
+    Point = energy.Point
+    for r in rows:
+        point = Point(r.ts, r.power_kw, r.kwh_consumed_ac, r.energy_total_kwh)
+        points = by_meter.get(r.meter_id)
+        if points is None:
+            by_meter[r.meter_id] = [point]
+        else:
+            points.append(point)
+    for meter_id, points in by_meter.items():
+        if len(points) > 1:
+            unique: dict[datetime, energy.Point] = {}
+            for p in points:
+                unique.setdefault(p.ts, p)
+            by_meter[meter_id] = [unique[t] for t in sorted(unique)]
+    return by_meter
 
 
 def _add_context(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -130,6 +131,23 @@ async def test_shared_writer_counts_the_newest_by_its_predecessor(apache_url: st
         await second.write(messages([reading_message(meter, readings[meter][2])]))
     assert_plain_rule(apache_url, readings)
     assert_latest(apache_url, readings)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one", "shared"])
+async def test_refused_message_is_dead_lettered_and_its_batch_lands(apache_url: str, shared: bool) -> None:
+    """A message the database refuses mid-batch (its statements pipelined) is dead-lettered alone; the rest land."""
+    meters = [unique("wr-m") for _ in range(3)]
+    batch = messages(
+        [reading_message(m, Point(T0 + timedelta(minutes=i), 2.0, None, None)) for i, m in enumerate(meters)]
+    )
+    batch[1] = dataclasses.replace(batch[1], kind="bogus")  # type: ignore[arg-type]  # outside devices' CHECK
+    async with Database(apache_url) as db:
+        result = await Writer(db, shared=shared).write(batch)
+    assert (result.received, result.stored, result.dead_letters) == (3, 2, 1)
+    stored = query(apache_url, "SELECT meter_id FROM meter_readings WHERE meter_id = ANY(%s)", (meters,))
+    assert sorted(r[0] for r in stored) == sorted([meters[0], meters[2]])
+    reason = query(apache_url, "SELECT reason FROM dead_letters WHERE topic = %s", (f"meters/{meters[1]}/reading",))
+    assert [r[0].split(":")[:2] for r in reason] == [["refused by the database", " CheckViolation"]]
 
 
 async def test_restarted_writer_continues_from_the_database(apache_url: str) -> None:
