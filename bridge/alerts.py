@@ -636,8 +636,11 @@ class AlertEngine:
         items: Sequence[Decoded],
         stored: Stored,
         status_changes: Sequence[tuple[str, str, str]],
+        asked: tuple[psycopg.AsyncCursor[Any], set[str]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Raise and resolve what the batch just stored shows; returns the announcements."""
+        """Raise and resolve what the batch just stored shows; returns the announcements.
+
+        `asked`: a cursor and the devices whose active alerts `ask_active` asked it for."""
         staged = await self._begin(cur)
         now = datetime.now(UTC)
         loaded: set[str] = set()
@@ -645,7 +648,9 @@ class AlertEngine:
             # with a shared subscription another bridge may have raised what a quiet reading would
             # resolve: the batch's devices' active alerts are read first, then quiet is judged on them
             loaded = {item.device_id for item in items if item.device_id is not None}
-            await self._load_active(cur, staged, loaded)
+            if asked is not None:
+                await self._read_active(*asked, staged)
+            await self._load_active(cur, staged, loaded - asked[1] if asked else loaded)
         quiet = Quiet(staged.snapshot, staged.active_devices())
         found = observations(items, stored, quiet) + status_observations(status_changes, now)
         efficiency = await self._efficiency(cur, staged, items, stored, now)
@@ -735,13 +740,23 @@ class AlertEngine:
         return Snapshot(rules, device_max, meters, active)
 
     async def _load_active(self, cur: psycopg.AsyncCursor[Any], staged: _Staged, devices: set[str]) -> None:
-        if not devices:
-            return
+        if devices:
+            await self.ask_active(cur, devices)
+            await self._read_active(cur, devices, staged)
+
+    @staticmethod
+    async def ask_active(cur: psycopg.AsyncCursor[Any], devices: set[str]) -> None:
+        """Ask for these devices' active alerts; in pipeline mode the statements after it go out before
+        `evaluate(asked=…)` reads them. Shared mode: sent right after the statement that takes the meters'
+        turn, so the batch's next statements run while its Python judges."""
+        # a typed column: psycopg's list dumper goes element by element (a batch's devices, in shared mode)
+        await cur.execute(_ACTIVE + " AND device_id = ANY(%b::text[])", (Texts(devices),))
+
+    @staticmethod
+    async def _read_active(cur: psycopg.AsyncCursor[Any], devices: set[str], staged: _Staged) -> None:
         for key in staged.snapshot.active:
             if key[0] in devices:
                 staged.active[key] = None
-        # a typed column: psycopg's list dumper goes element by element (a batch's devices, in shared mode)
-        await cur.execute(_ACTIVE + " AND device_id = ANY(%b::text[])", (Texts(devices),))
         for d, r, i, k in await cur.fetchall():
             staged.active[(d, r)] = Active(i, k)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
@@ -283,6 +284,7 @@ class Writer:
         letters: list[DeadLetter] = []
         # device -> (kind, last seen, status, adapter address); messages are in arrival order, so the last word wins
         devices: dict[str, tuple[str, datetime, str, str | None]] = {}
+        meter_devices: set[str] = set()
         for item in items:
             if isinstance(item, DeadLetter):
                 letters.append(item)
@@ -291,6 +293,7 @@ class Writer:
             for rec in item.records:
                 if isinstance(rec, MeterReading):
                     meters.append(rec)
+                    meter_devices.add(item.device_id)
                 elif isinstance(rec, VehicleReading):
                     vehicles.append(rec)
                 elif isinstance(rec, PumpStatus):
@@ -318,6 +321,8 @@ class Writer:
             self._staged_writes = {d: (v[2], now) for d, v in fresh.items()}
         stored = Stored()
         new_keys = stored.keys
+        asked: tuple[psycopg.AsyncCursor[Any], set[str]] | None = None
+        then = None
         cache: dict[str, energy.Last] = {}
         late_meters: list[tuple[str, datetime]] = []
         late_vehicles: list[tuple[str, datetime]] = []
@@ -331,7 +336,12 @@ class Writer:
                 # each batch's insert takes its meters in turn (`_insert_meters`) and their energy is
                 # computed with what the others committed before it in view. Only meters with a new
                 # reading: a repeat's pieces were stored with it
-                stored, taken = await self._meters(cur, meters, shared=True)
+                if self._alerts is not None:
+                    # the meters' active alerts, read right after their turn is taken (another bridge may
+                    # have raised what this batch resolves), and asked for in the same round trip
+                    asked = (cur.connection.cursor(), meter_devices)
+                    then = partial(AlertEngine.ask_active, *asked)
+                stored, taken = await self._meters(cur, meters, shared=True, then=then)
                 if not stored.all_meters:
                     fresh_ids = stored.meter_ids()
                     grouped = {m: points for m, points in grouped.items() if m in fresh_ids}
@@ -365,7 +375,9 @@ class Writer:
             result.status_changes = [(r[0], r[1], r[2]) for r in await device_rows.fetchall() if r[3] != r[2]]
             await device_rows.close()
         if self._alerts is not None:  # alerts: judged on what this batch stored, in its transaction
-            result.alerts = await self._alerts.evaluate(cur, items, stored, result.status_changes)
+            result.alerts = await self._alerts.evaluate(cur, items, stored, result.status_changes, asked)
+            if asked is not None:
+                await asked[0].close()
         # each transaction adds to its own shard of the counters (its backend's), so writers do not wait
         # at one row for each other's commits (migration 0006)
         await cur.execute(
@@ -411,14 +423,21 @@ class Writer:
         )
 
     async def _meters(
-        self, cur: psycopg.AsyncCursor[Any], rows: list[MeterReading], shared: bool = False
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        rows: list[MeterReading],
+        shared: bool = False,
+        then: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[Stored, list[tuple[Any, ...]]]:
-        """Store the readings; (what was stored, in shared mode the rows `_insert_meters` hands back)."""
+        """Store the readings; (what was stored, in shared mode the rows `_insert_meters` hands back).
+        `then` sends another statement behind them, before their result is read."""
         await cur.execute(
             _INSERT_SHARED if shared else _INSERT_ONE,
             (*columns([_meter_row(r) for r in rows], _METER_KINDS), len(rows), len(rows)),
             binary=True,  # timestamps come back parsed in C, not from text
         )
+        if then is not None:
+            await then()
         # the keys only when some reading was a repeat: the usual batch stores all of them
         result = await cur.fetchall()
         # one row with the count (shared mode: and one per meter taken, count NULL), in whatever order
