@@ -14,7 +14,7 @@ directory, both stopped at the end) and measures, in this order:
   overload   publishers as fast as they can: our bridge's maximum, its RSS, nothing dropped (profiled)
   shared     two bridges on one $share subscription (BRIDGE_SHARED_GROUP), same load as overload
   partitioned two bridges, each storing half of the devices (BRIDGE_PARTITION 0/2 and 1/2), same load
-             (these three in turn, `--rounds` times, 3 by default: compared round by round)
+             (these three in turn, `--rounds` times, 5 by default: compared round by round)
   api        `current-block` and `performance/:vehicleId` under wrk, over a scaled-down reading store
   ws         1,000 WebSocket clients on /ws, 1,000 updates/s relayed
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small ingest runs in seconds (correctness only)")
     p.add_argument(
-        "--rounds", type=int, default=3, help="rounds of the compared modes (overload, shared, partitioned), in turn"
+        "--rounds", type=int, default=5, help="rounds of the compared modes (overload, shared, partitioned), in turn"
     )
     p.add_argument("--modes", help=f"comma-separated subset of: {', '.join(MODES)}")
     p.add_argument("--meters", type=int, default=10_000, help="meters in the simulated fleet (default 10000)")
