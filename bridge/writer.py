@@ -21,7 +21,7 @@ from psycopg import errors as pg_errors
 
 from . import energy, rollups
 from .alerts import AlertEngine
-from .arrays import Bools, Floats, Stamps, Texts, columns
+from .arrays import Floats, Stamps, Texts, columns
 from .db import Database
 from .errors import DatabaseUnavailable
 from .telemetry import (
@@ -106,8 +106,9 @@ UNION ALL{_NEIGHBOURS}"""  # noqa: S608
 # neighbours are asked for
 _SHARED_NEIGHBOURS = f"""
 WITH req AS MATERIALIZED (
-    SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::float8[],
-                         %b::boolean[]) AS r(meter_id, lo, hi, ts, energy_total_kwh, newer)){_NEIGHBOURS}"""  # noqa: S608
+    SELECT *, ts IS NOT NULL AS newer
+    FROM unnest(%b::text[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::float8[])
+         AS r(meter_id, lo, hi, ts, energy_total_kwh)){_NEIGHBOURS}"""  # noqa: S608
 
 
 # meter_latest keeps the newest reading whichever write comes first. An update keeps what the row held
@@ -284,7 +285,6 @@ class Writer:
         letters: list[DeadLetter] = []
         # device -> (kind, last seen, status, adapter address); messages are in arrival order, so the last word wins
         devices: dict[str, tuple[str, datetime, str, str | None]] = {}
-        meter_devices: set[str] = set()
         for item in items:
             if isinstance(item, DeadLetter):
                 letters.append(item)
@@ -293,7 +293,6 @@ class Writer:
             for rec in item.records:
                 if isinstance(rec, MeterReading):
                     meters.append(rec)
-                    meter_devices.add(item.device_id)
                 elif isinstance(rec, VehicleReading):
                     vehicles.append(rec)
                 elif isinstance(rec, PumpStatus):
@@ -339,7 +338,8 @@ class Writer:
                 if self._alerts is not None:
                     # the meters' active alerts, read right after their turn is taken (another bridge may
                     # have raised what this batch resolves), and asked for in the same round trip
-                    asked = (cur.connection.cursor(), meter_devices)
+                    turn = {i.device_id for i in items if isinstance(i, Message) and _has_meter_reading(i)}
+                    asked = (cur.connection.cursor(), turn)
                     then = partial(AlertEngine.ask_active, *asked)
                 stored, taken = await self._meters(cur, meters, shared=True, then=then)
                 if not stored.all_meters:
@@ -498,7 +498,6 @@ class Writer:
                     Stamps([grouped[m][-1].ts for m in ask]),
                     Stamps([p.ts if p else None for p in latest]),
                     Floats([p.register if p else None for p in latest]),
-                    Bools([p is not None for p in latest]),
                 ),
                 binary=True,
             )
@@ -511,7 +510,7 @@ class Writer:
     ) -> dict[str, energy.Outcome]:
         """Energy pieces of the readings, per meter: after the cached newest reading, or from `ctx`."""
         outcomes: dict[str, energy.Outcome] = {}
-        cached = {} if self._shared else self._last
+        cached = self._last  # empty with shared bridges (`_transaction` keeps none)
         for meter_id, ordered in grouped.items():
             last = cached.get(meter_id)
             if last is not None and ordered[0].ts > last.point.ts:
@@ -830,6 +829,10 @@ def _add_context(
             continue  # one of the batch's own, inserted just before
         else:
             ctx.found[meter_id][where].append(point)
+
+
+def _has_meter_reading(message: Message) -> bool:
+    return any(isinstance(rec, MeterReading) for rec in message.records)
 
 
 def _is_new(message: Message, stored: Stored) -> bool:
